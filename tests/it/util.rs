@@ -1,0 +1,177 @@
+//! Running the `pgpar` binary and looking at what it did.
+
+use std::fmt;
+use std::fs;
+use std::io::Read;
+use std::os::unix::fs::MetadataExt;
+use std::path::{Path, PathBuf};
+use std::process::{Command, Stdio};
+use std::time::{Duration, Instant};
+
+/// How long one pgpar run may take before the test fails (a hang is a failure, not a wait).
+const PGPAR_TIMEOUT: Duration = Duration::from_secs(300);
+
+/// `pgpar` with an environment that cannot leak the test runner's settings into it: no `PG*`
+/// variables, and `HOME` an empty directory (no `~/.pgpass`).
+pub fn pgpar() -> Command {
+    let mut c = Command::new(env!("CARGO_BIN_EXE_pgpar"));
+    for (k, _) in std::env::vars_os() {
+        if k.to_string_lossy().starts_with("PG") {
+            c.env_remove(k);
+        }
+    }
+    let home = Path::new(env!("CARGO_TARGET_TMPDIR")).join("empty-home");
+    fs::create_dir_all(&home).unwrap();
+    c.env("HOME", home).stdin(Stdio::null());
+    c
+}
+
+/// What a finished process did.
+pub struct Out {
+    pub cmdline: String,
+    pub code: Option<i32>,
+    pub stdout: String,
+    pub stderr: String,
+    pub seconds: f64,
+}
+
+/// Run `cmd` to completion (failing the test if it runs longer than `PGPAR_TIMEOUT`).
+pub fn run(cmd: &mut Command) -> Out {
+    let cmdline = format!("{cmd:?}");
+    let started = Instant::now();
+    let mut child = cmd
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap_or_else(|e| panic!("could not start {cmdline}: {e}"));
+    let drain = |mut r: Box<dyn Read + Send>| {
+        std::thread::spawn(move || {
+            let mut buf = Vec::new();
+            let _ = r.read_to_end(&mut buf);
+            String::from_utf8_lossy(&buf).into_owned()
+        })
+    };
+    let stdout = drain(Box::new(child.stdout.take().unwrap()));
+    let stderr = drain(Box::new(child.stderr.take().unwrap()));
+    let status = loop {
+        if let Some(status) = child.try_wait().unwrap() {
+            break status;
+        }
+        if started.elapsed() > PGPAR_TIMEOUT {
+            let _ = child.kill();
+            let _ = child.wait();
+            panic!(
+                "{cmdline} ran longer than {PGPAR_TIMEOUT:?}; killed. stderr so far:\n{}",
+                stderr.join().unwrap()
+            );
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    };
+    Out {
+        cmdline,
+        code: status.code(),
+        stdout: stdout.join().unwrap(),
+        stderr: stderr.join().unwrap(),
+        seconds: started.elapsed().as_secs_f64(),
+    }
+}
+
+impl fmt::Display for Out {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(
+            f,
+            "{}\n  exit code: {:?} after {:.1}s\n--- stdout\n{}\n--- stderr\n{}",
+            self.cmdline, self.code, self.seconds, self.stdout, self.stderr
+        )
+    }
+}
+
+impl Out {
+    #[track_caller]
+    pub fn assert_success(&self) -> &Out {
+        assert_eq!(self.code, Some(0), "expected success:\n{self}");
+        self
+    }
+
+    /// Exit code `code`, and the error reported the documented way: exactly one stderr line
+    /// starting "pgpar: error: " (any other lines are "pgpar: hint: ").
+    #[track_caller]
+    pub fn assert_error(&self, code: i32) -> &Out {
+        assert_eq!(self.code, Some(code), "expected exit code {code}:\n{self}");
+        let errors = self
+            .stderr
+            .lines()
+            .filter(|l| l.starts_with("pgpar: error: "))
+            .count();
+        assert_eq!(errors, 1, "expected one 'pgpar: error: ' line:\n{self}");
+        for line in self.stderr.lines() {
+            assert!(
+                line.starts_with("pgpar: error: ") || line.starts_with("pgpar: hint: "),
+                "unexpected stderr line {line:?} on failure:\n{self}"
+            );
+        }
+        self
+    }
+
+    /// The error line, without its "pgpar: error: " prefix.
+    pub fn error_message(&self) -> &str {
+        self.stderr
+            .lines()
+            .find_map(|l| l.strip_prefix("pgpar: error: "))
+            .unwrap_or("")
+    }
+
+    /// Neither stdout nor stderr contains any of `secrets`.
+    #[track_caller]
+    pub fn assert_hides(&self, secrets: &[&str]) -> &Out {
+        for s in secrets {
+            assert!(
+                !self.stdout.contains(s) && !self.stderr.contains(s),
+                "output reveals the secret {s:?}:\n{self}"
+            );
+        }
+        self
+    }
+
+    /// stdout parsed as one JSON object.
+    #[track_caller]
+    pub fn json(&self) -> serde_json::Value {
+        let v: serde_json::Value = serde_json::from_str(self.stdout.trim())
+            .unwrap_or_else(|e| panic!("stdout is not one JSON value ({e}):\n{self}"));
+        assert!(v.is_object(), "stdout JSON is not an object:\n{self}");
+        v
+    }
+}
+
+/// Every entry under `root` (not following symlinks), as paths relative to `root`, sorted.
+pub fn walk(root: &Path) -> Vec<PathBuf> {
+    fn go(root: &Path, dir: &Path, out: &mut Vec<PathBuf>) {
+        for e in fs::read_dir(dir).unwrap_or_else(|e| panic!("read {}: {e}", dir.display())) {
+            let e = e.unwrap();
+            let path = e.path();
+            out.push(path.strip_prefix(root).unwrap().to_path_buf());
+            if e.file_type().unwrap().is_dir() {
+                go(root, &path, out);
+            }
+        }
+    }
+    let mut out = Vec::new();
+    go(root, root, &mut out);
+    out.sort();
+    out
+}
+
+/// Names of the entries directly in `dir`, sorted.
+pub fn list(dir: &Path) -> Vec<String> {
+    let mut v: Vec<String> = fs::read_dir(dir)
+        .unwrap_or_else(|e| panic!("read {}: {e}", dir.display()))
+        .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+        .collect();
+    v.sort();
+    v
+}
+
+/// Permission bits of `path` (not following a symlink).
+pub fn mode(path: &Path) -> u32 {
+    fs::symlink_metadata(path).unwrap().mode() & 0o7777
+}
