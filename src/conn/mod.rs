@@ -1,0 +1,833 @@
+//! Our own replication-capable PostgreSQL connection, on tokio.
+//!
+//! Owns one socket (TCP, Unix or TLS), the startup and authentication exchange (trust,
+//! password, md5, SCRAM-SHA-256 with channel binding over TLS), and the simple-query
+//! sub-protocols a replication client needs: result sets, CopyOut, CopyBoth. One task owns a
+//! `Connection`; reads are cancel-safe (partial messages stay in the read buffer), so
+//! [`Connection::next_event`] can sit in a `select!`. Server notices go to `tracing`.
+//! It does not know any replication command: that is `crate::replication`.
+
+pub mod codec;
+pub mod tls;
+
+use std::collections::HashMap;
+use std::io;
+use std::pin::Pin;
+use std::task::{Context, Poll};
+use std::time::Duration;
+
+use bytes::{Bytes, BytesMut};
+use postgres_protocol::authentication::sasl::{ChannelBinding, ScramSha256};
+use postgres_protocol::message::frontend;
+use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt, ReadBuf};
+use tokio::net::{TcpStream, UnixStream};
+
+pub use codec::Column;
+use codec::{decode, BackendMessage, DEFAULT_MAX_MESSAGE};
+
+use crate::conninfo::{ConnConfig, Host, SslMode, Target};
+use crate::error::{DbError, Error, Result};
+
+/// Which kind of session to open.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Replication {
+    /// A normal SQL session.
+    None,
+    /// `replication=true`: a physical walsender.
+    Physical,
+    /// `replication=database`: a walsender bound to a database (SQL allowed too).
+    Database,
+}
+
+/// One step of a simple query's response.
+#[derive(Debug, Clone, PartialEq)]
+pub enum Event {
+    /// A result set begins.
+    RowDescription(Vec<Column>),
+    /// A row of the current result set.
+    DataRow(Row),
+    /// A command or result set ended.
+    CommandComplete(String),
+    /// The query string was empty.
+    EmptyQuery,
+    /// The server starts sending CopyData (COPY OUT).
+    CopyOutStart,
+    /// The server starts a two-way copy (START_REPLICATION).
+    CopyBothStart,
+    /// The server wants CopyData from us.
+    CopyInStart,
+    /// One CopyData payload.
+    CopyData(Bytes),
+    /// The server ended its side of the copy.
+    CopyDone,
+}
+
+/// A data row; values are text (the simple query protocol), `None` for NULL.
+#[derive(Debug, Clone, PartialEq, Default)]
+pub struct Row(pub Vec<Option<Bytes>>);
+
+impl Row {
+    /// Column `i` as text, `None` when NULL, absent or not UTF-8.
+    pub fn get(&self, i: usize) -> Option<&str> {
+        self.0
+            .get(i)?
+            .as_ref()
+            .and_then(|b| std::str::from_utf8(b).ok())
+    }
+
+    /// Column `i` as raw bytes.
+    pub fn get_bytes(&self, i: usize) -> Option<&Bytes> {
+        self.0.get(i)?.as_ref()
+    }
+
+    /// Number of columns.
+    pub fn len(&self) -> usize {
+        self.0.len()
+    }
+
+    /// True if the row has no columns.
+    pub fn is_empty(&self) -> bool {
+        self.0.is_empty()
+    }
+}
+
+/// One result set of a command.
+#[derive(Debug, Clone, PartialEq, Default)]
+pub struct ResultSet {
+    /// The columns.
+    pub columns: Vec<Column>,
+    /// The rows.
+    pub rows: Vec<Row>,
+    /// The command tag that closed it.
+    pub tag: String,
+}
+
+impl ResultSet {
+    /// Index of the column called `name`.
+    pub fn column(&self, name: &str) -> Option<usize> {
+        self.columns.iter().position(|c| c.name == name)
+    }
+}
+
+trait Socket: AsyncRead + AsyncWrite + Unpin + Send {}
+impl<T: AsyncRead + AsyncWrite + Unpin + Send> Socket for T {}
+
+struct Stream(Box<dyn Socket>);
+
+impl AsyncRead for Stream {
+    fn poll_read(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &mut ReadBuf<'_>,
+    ) -> Poll<io::Result<()>> {
+        Pin::new(&mut *self.0).poll_read(cx, buf)
+    }
+}
+
+impl AsyncWrite for Stream {
+    fn poll_write(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        b: &[u8],
+    ) -> Poll<io::Result<usize>> {
+        Pin::new(&mut *self.0).poll_write(cx, b)
+    }
+    fn poll_flush(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        Pin::new(&mut *self.0).poll_flush(cx)
+    }
+    fn poll_shutdown(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        Pin::new(&mut *self.0).poll_shutdown(cx)
+    }
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum State {
+    Idle,
+    Query,
+    CopyOut,
+    CopyBoth,
+    CopyIn,
+    Broken,
+}
+
+/// Read buffer growth step; large so CopyData streams cost few syscalls.
+const READ_CHUNK: usize = 256 * 1024;
+
+/// An open, authenticated connection.
+pub struct Connection {
+    stream: Stream,
+    rbuf: BytesMut,
+    wbuf: BytesMut,
+    state: State,
+    pending_error: Option<DbError>,
+    target: String,
+    params: HashMap<String, String>,
+    backend_pid: i32,
+    tls: bool,
+    max_message: usize,
+}
+
+impl std::fmt::Debug for Connection {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Connection")
+            .field("target", &self.target)
+            .field("backend_pid", &self.backend_pid)
+            .field("tls", &self.tls)
+            .finish()
+    }
+}
+
+/// What a failed attempt teaches the caller about retrying with the other TLS choice.
+enum Attempt {
+    Done(Connection),
+    Failed(Error, bool),
+}
+
+impl Connection {
+    /// Connects to the first target that answers, performing TLS negotiation and
+    /// authentication. Every failure is an [`Error::Connect`] naming the target.
+    pub async fn connect(cfg: &ConnConfig, repl: Replication) -> Result<Connection> {
+        let mut last = None;
+        for t in &cfg.targets {
+            match Self::connect_target(cfg, t, repl).await {
+                Ok(c) => return Ok(c),
+                Err(e) => last = Some(e),
+            }
+        }
+        Err(last.unwrap_or_else(|| Error::Usage("no host to connect to".into())))
+    }
+
+    async fn connect_target(cfg: &ConnConfig, t: &Target, repl: Replication) -> Result<Connection> {
+        let is_socket = matches!(t.host, Host::Socket(_));
+        // libpq order of attempts per sslmode; TLS never applies to Unix sockets.
+        let order: &[bool] = match (cfg.sslmode, is_socket) {
+            (_, true) | (SslMode::Disable, _) => &[false],
+            (SslMode::Allow, _) => &[false, true],
+            (SslMode::Prefer, _) => &[true, false],
+            _ => &[true],
+        };
+        let mut last = None;
+        for &want_tls in order {
+            match Self::attempt(cfg, t, repl, want_tls).await {
+                Attempt::Done(c) => return Ok(c),
+                Attempt::Failed(e, retry) => {
+                    last = Some(e);
+                    if !retry {
+                        break;
+                    }
+                }
+            }
+        }
+        Err(last.expect("at least one attempt"))
+    }
+
+    async fn attempt(cfg: &ConnConfig, t: &Target, repl: Replication, want_tls: bool) -> Attempt {
+        let target = t.to_string();
+        let fut = Self::attempt_inner(cfg, t, repl, want_tls, &target);
+        let res = match cfg.connect_timeout {
+            Some(d) => match tokio::time::timeout(d, fut).await {
+                Ok(r) => r,
+                Err(_) => Err((
+                    Error::Connect {
+                        target: target.clone(),
+                        reason: format!("timeout expired after {} s", d.as_secs()),
+                        sqlstate: None,
+                        hint: Some("check the host and port, or raise connect_timeout".into()),
+                    },
+                    false,
+                )),
+            },
+            None => fut.await,
+        };
+        match res {
+            Ok(c) => Attempt::Done(c),
+            Err((e, retry)) => Attempt::Failed(e, retry),
+        }
+    }
+
+    async fn attempt_inner(
+        cfg: &ConnConfig,
+        t: &Target,
+        repl: Replication,
+        want_tls: bool,
+        target: &str,
+    ) -> std::result::Result<Connection, (Error, bool)> {
+        let fail = |reason: String, hint: Option<String>, retry: bool| {
+            (
+                Error::Connect {
+                    target: target.to_string(),
+                    reason,
+                    sqlstate: None,
+                    hint,
+                },
+                retry,
+            )
+        };
+        let (stream, tls, endpoint) = match &t.host {
+            Host::Socket(dir) => {
+                let path = dir.join(format!(".s.PGSQL.{}", t.port));
+                let s = UnixStream::connect(&path).await.map_err(|e| {
+                    fail(
+                        e.to_string(),
+                        Some(
+                            "is the server running locally and accepting connections on that socket? \
+                             (-h names the socket directory)"
+                                .into(),
+                        ),
+                        false,
+                    )
+                })?;
+                (Stream(Box::new(s)), false, None)
+            }
+            Host::Tcp { name, addr } => {
+                let dial = addr.as_deref().unwrap_or(name);
+                let tcp = TcpStream::connect((dial, t.port)).await.map_err(|e| {
+                    fail(
+                        e.to_string(),
+                        Some(format!(
+                            "is the server running on \"{name}\" and accepting TCP/IP connections on port {}?",
+                            t.port
+                        )),
+                        false,
+                    )
+                })?;
+                let _ = tcp.set_nodelay(true);
+                if want_tls {
+                    let mut tcp = tcp;
+                    let mut buf = BytesMut::new();
+                    frontend::ssl_request(&mut buf);
+                    let mut answer = [0u8; 1];
+                    let io_res = async {
+                        tcp.write_all(&buf).await?;
+                        tcp.read_exact(&mut answer).await
+                    }
+                    .await;
+                    io_res.map_err(|e| {
+                        fail(format!("could not send SSL negotiation: {e}"), None, false)
+                    })?;
+                    match answer[0] {
+                        b'S' => {
+                            let config =
+                                tls::client_config(cfg.sslmode, cfg.sslrootcert.as_deref())
+                                    .map_err(|m| fail(m, None, false))?;
+                            let sn = tls::server_name(name).map_err(|m| fail(m, None, false))?;
+                            let conn = tokio_rustls::TlsConnector::from(config)
+                                .connect(sn, tcp)
+                                .await
+                                .map_err(|e| {
+                                    fail(
+                                        format!("TLS handshake failed: {e}"),
+                                        Some(match cfg.sslmode {
+                                            SslMode::VerifyFull => "the server certificate must be signed by sslrootcert and name the host given in host= (or -h)".into(),
+                                            SslMode::VerifyCa => "the server certificate must be signed by a certificate in sslrootcert".into(),
+                                            _ => "check the server's TLS set-up, or use sslmode=disable".into(),
+                                        }),
+                                        false,
+                                    )
+                                })?;
+                            let endpoint = conn
+                                .get_ref()
+                                .1
+                                .peer_certificates()
+                                .and_then(|c| c.first())
+                                .map(|c| tls::server_end_point(c.as_ref()));
+                            (Stream(Box::new(conn)), true, endpoint)
+                        }
+                        b'N' => {
+                            let retry = cfg.sslmode == SslMode::Prefer;
+                            if !retry {
+                                return Err(fail(
+                                    "server does not support SSL, but SSL was required".into(),
+                                    Some(
+                                        "enable ssl on the server, or use a weaker sslmode".into(),
+                                    ),
+                                    false,
+                                ));
+                            }
+                            // Reconnect without TLS (the server may have closed the socket).
+                            return Err(fail("server does not support SSL".into(), None, true));
+                        }
+                        other => {
+                            return Err(fail(
+                                format!("unexpected answer 0x{other:02x} to SSL negotiation"),
+                                None,
+                                false,
+                            ))
+                        }
+                    }
+                } else {
+                    (Stream(Box::new(tcp)), false, None)
+                }
+            }
+        };
+        let mut conn = Connection {
+            stream,
+            rbuf: BytesMut::with_capacity(READ_CHUNK),
+            wbuf: BytesMut::new(),
+            state: State::Idle,
+            pending_error: None,
+            target: target.to_string(),
+            params: HashMap::new(),
+            backend_pid: 0,
+            tls,
+            max_message: DEFAULT_MAX_MESSAGE,
+        };
+        match conn.startup(cfg, repl, endpoint).await {
+            Ok(()) => Ok(conn),
+            Err(e) => {
+                // With allow/prefer, a refusal by pg_hba may be specific to (non-)TLS.
+                let retry = matches!(e, Error::Connect { ref sqlstate, .. } if sqlstate.as_deref() == Some("28000"));
+                Err((e, retry))
+            }
+        }
+    }
+
+    async fn startup(
+        &mut self,
+        cfg: &ConnConfig,
+        repl: Replication,
+        endpoint: Option<Vec<u8>>,
+    ) -> Result<()> {
+        let mut params: Vec<(&str, &str)> = vec![("user", &cfg.user)];
+        let db = cfg.dbname.as_deref().unwrap_or(&cfg.user);
+        match repl {
+            Replication::None => params.push(("database", db)),
+            Replication::Physical => params.push(("replication", "true")),
+            Replication::Database => {
+                params.push(("database", db));
+                params.push(("replication", "database"));
+            }
+        }
+        params.push(("application_name", &cfg.application_name));
+        params.push(("client_encoding", "UTF8"));
+        frontend::startup_message(params.iter().copied(), &mut self.wbuf).map_err(|e| {
+            self.connect_err(format!("could not build startup message: {e}"), None, None)
+        })?;
+        self.flush_w().await.map_err(|e| self.lift(e))?;
+
+        let mut scram: Option<ScramSha256> = None;
+        loop {
+            let msg = self.read_message().await.map_err(|e| self.lift(e))?;
+            match msg {
+                BackendMessage::Authentication { code, data } => match code {
+                    0 => {}
+                    3 => {
+                        let pw = self.need_password(cfg)?;
+                        frontend::password_message(pw.as_bytes(), &mut self.wbuf)
+                            .map_err(|e| self.connect_err(e.to_string(), None, None))?;
+                        self.flush_w().await.map_err(|e| self.lift(e))?;
+                    }
+                    5 => {
+                        let pw = self.need_password(cfg)?;
+                        if data.len() < 4 {
+                            return Err(self.connect_err("malformed md5 request".into(), None, None));
+                        }
+                        let salt = [data[0], data[1], data[2], data[3]];
+                        let hash = postgres_protocol::authentication::md5_hash(
+                            cfg.user.as_bytes(),
+                            pw.as_bytes(),
+                            salt,
+                        );
+                        frontend::password_message(hash.as_bytes(), &mut self.wbuf)
+                            .map_err(|e| self.connect_err(e.to_string(), None, None))?;
+                        self.flush_w().await.map_err(|e| self.lift(e))?;
+                    }
+                    10 => {
+                        let pw = self.need_password(cfg)?;
+                        let mechs: Vec<&[u8]> = data.split(|&b| b == 0).filter(|m| !m.is_empty()).collect();
+                        let plus = mechs.contains(&&b"SCRAM-SHA-256-PLUS"[..]);
+                        let (mech, cb) = match (&endpoint, plus) {
+                            (Some(ep), true) => ("SCRAM-SHA-256-PLUS", ChannelBinding::tls_server_end_point(ep.clone())),
+                            (Some(_), false) => ("SCRAM-SHA-256", ChannelBinding::unrequested()),
+                            (None, _) => ("SCRAM-SHA-256", ChannelBinding::unsupported()),
+                        };
+                        if !mechs.contains(&&b"SCRAM-SHA-256"[..]) && !plus {
+                            return Err(self.connect_err(
+                                "the server offers no SASL mechanism we support (need SCRAM-SHA-256)".into(),
+                                None,
+                                None,
+                            ));
+                        }
+                        let s = ScramSha256::new(pw.as_bytes(), cb);
+                        frontend::sasl_initial_response(mech, s.message(), &mut self.wbuf)
+                            .map_err(|e| self.connect_err(e.to_string(), None, None))?;
+                        self.flush_w().await.map_err(|e| self.lift(e))?;
+                        scram = Some(s);
+                    }
+                    11 => {
+                        let s = scram.as_mut().ok_or_else(|| self.connect_err("SASL continue without SASL start".into(), None, None))?;
+                        s.update(&data).map_err(|e| self.connect_err(format!("SCRAM exchange failed: {e}"), None, None))?;
+                        frontend::sasl_response(s.message(), &mut self.wbuf)
+                            .map_err(|e| self.connect_err(e.to_string(), None, None))?;
+                        self.flush_w().await.map_err(|e| self.lift(e))?;
+                    }
+                    12 => {
+                        let s = scram.as_mut().ok_or_else(|| self.connect_err("SASL final without SASL start".into(), None, None))?;
+                        s.finish(&data).map_err(|e| {
+                            self.connect_err(format!("could not verify the server's SCRAM signature: {e}"), None, None)
+                        })?;
+                    }
+                    other => {
+                        return Err(self.connect_err(
+                            format!("unsupported authentication method (code {other}); pgpar supports trust, password, md5 and scram-sha-256"),
+                            None,
+                            None,
+                        ))
+                    }
+                },
+                BackendMessage::ParameterStatus { name, value } => {
+                    self.params.insert(name, value);
+                }
+                BackendMessage::BackendKeyData { pid, .. } => self.backend_pid = pid,
+                BackendMessage::ReadyForQuery(_) => break,
+                BackendMessage::ErrorResponse(db) => {
+                    let hint = startup_hint(&db, cfg);
+                    return Err(self.connect_err(db.message.clone(), Some(db.code.clone()), hint.or(db.hint.clone())));
+                }
+                BackendMessage::NoticeResponse(n) => log_notice(&n),
+                BackendMessage::Ignored(_) => {}
+                other => {
+                    return Err(self.connect_err(format!("unexpected message during startup: {other:?}"), None, None))
+                }
+            }
+        }
+        Ok(())
+    }
+
+    fn need_password(&self, cfg: &ConnConfig) -> Result<String> {
+        cfg.password.clone().ok_or_else(|| {
+            self.connect_err(
+                format!("the server asked for a password for user \"{}\", but none was given", cfg.user),
+                Some("28P01".into()),
+                Some("give one with PGPASSWORD, a password file (~/.pgpass or PGPASSFILE), or password= in -d".into()),
+            )
+        })
+    }
+
+    fn connect_err(&self, reason: String, sqlstate: Option<String>, hint: Option<String>) -> Error {
+        Error::Connect {
+            target: self.target.clone(),
+            reason,
+            sqlstate,
+            hint,
+        }
+    }
+
+    /// Turns an I/O or protocol failure during startup into a connect error.
+    fn lift(&self, e: Error) -> Error {
+        match e {
+            Error::Connect { .. } => e,
+            other => self.connect_err(other.to_string(), None, None),
+        }
+    }
+
+    /// `host port N` or the socket path, for messages.
+    pub fn target(&self) -> &str {
+        &self.target
+    }
+
+    /// A server parameter reported at startup (`server_version`, `integer_datetimes` …).
+    pub fn parameter(&self, name: &str) -> Option<&str> {
+        self.params.get(name).map(String::as_str)
+    }
+
+    /// The server's version number, e.g. 150018, from `server_version`.
+    pub fn server_version_num(&self) -> Option<u32> {
+        let v = self.parameter("server_version")?;
+        let mut parts = v
+            .split(|c: char| !c.is_ascii_digit())
+            .filter(|p| !p.is_empty());
+        let major: u32 = parts.next()?.parse().ok()?;
+        let minor: u32 = parts.next().and_then(|p| p.parse().ok()).unwrap_or(0);
+        Some(major * 10000 + minor)
+    }
+
+    /// The backend's process id (for pg_terminate_backend and messages).
+    pub fn backend_pid(&self) -> i32 {
+        self.backend_pid
+    }
+
+    /// True when the session runs over TLS.
+    pub fn is_tls(&self) -> bool {
+        self.tls
+    }
+
+    async fn flush_w(&mut self) -> Result<()> {
+        if self.wbuf.is_empty() {
+            return Ok(());
+        }
+        let res = async {
+            self.stream.write_all(&self.wbuf).await?;
+            self.stream.flush().await
+        }
+        .await;
+        self.wbuf.clear();
+        res.map_err(|e| {
+            self.state = State::Broken;
+            Error::ConnectionLost {
+                target: self.target.clone(),
+                reason: e.to_string(),
+            }
+        })
+    }
+
+    /// Reads one backend message. Cancel-safe.
+    async fn read_message(&mut self) -> Result<BackendMessage> {
+        loop {
+            if let Some(m) = decode(&mut self.rbuf, self.max_message)? {
+                return Ok(m);
+            }
+            if self.rbuf.capacity() - self.rbuf.len() < READ_CHUNK / 4 {
+                self.rbuf.reserve(READ_CHUNK);
+            }
+            match self.stream.read_buf(&mut self.rbuf).await {
+                Ok(0) => {
+                    self.state = State::Broken;
+                    return Err(Error::ConnectionLost {
+                        target: self.target.clone(),
+                        reason: "server closed the connection unexpectedly".into(),
+                    });
+                }
+                Ok(_) => {}
+                Err(e) => {
+                    self.state = State::Broken;
+                    return Err(Error::ConnectionLost {
+                        target: self.target.clone(),
+                        reason: e.to_string(),
+                    });
+                }
+            }
+        }
+    }
+
+    /// Sends a simple query. Follow with [`Connection::next_event`] until it returns `None`.
+    pub async fn start_query(&mut self, sql: &str) -> Result<()> {
+        if self.state != State::Idle {
+            return Err(Error::Protocol(format!(
+                "a new query was started while the connection was in state {:?}",
+                self.state
+            )));
+        }
+        tracing::debug!(target: "pgpar::sql", conn = %self.target, "{}", redact(sql));
+        frontend::query(sql, &mut self.wbuf).map_err(|e| Error::Protocol(e.to_string()))?;
+        self.flush_w().await?;
+        self.state = State::Query;
+        Ok(())
+    }
+
+    /// The next step of the running query's response; `None` once the server is ready for
+    /// the next query. A server error is returned after the server finished the command.
+    /// Cancel-safe: dropping the future loses nothing.
+    pub async fn next_event(&mut self) -> Result<Option<Event>> {
+        loop {
+            if matches!(self.state, State::Idle) {
+                return Ok(None);
+            }
+            if self.state == State::Broken {
+                return Err(Error::ConnectionLost {
+                    target: self.target.clone(),
+                    reason: "connection is broken".into(),
+                });
+            }
+            let m = self.read_message().await?;
+            let ev = match m {
+                BackendMessage::RowDescription(c) => Event::RowDescription(c),
+                BackendMessage::DataRow(v) => Event::DataRow(Row(v)),
+                BackendMessage::CommandComplete(t) => {
+                    if matches!(self.state, State::CopyOut | State::CopyBoth | State::CopyIn) {
+                        self.state = State::Query;
+                    }
+                    Event::CommandComplete(t)
+                }
+                BackendMessage::EmptyQueryResponse => Event::EmptyQuery,
+                BackendMessage::CopyOutResponse => {
+                    self.state = State::CopyOut;
+                    Event::CopyOutStart
+                }
+                BackendMessage::CopyBothResponse => {
+                    self.state = State::CopyBoth;
+                    Event::CopyBothStart
+                }
+                BackendMessage::CopyInResponse => {
+                    self.state = State::CopyIn;
+                    Event::CopyInStart
+                }
+                BackendMessage::CopyData(d) => Event::CopyData(d),
+                BackendMessage::CopyDone => Event::CopyDone,
+                BackendMessage::ErrorResponse(e) => {
+                    if e.severity == "FATAL" || e.severity == "PANIC" {
+                        self.state = State::Broken;
+                        return Err(Error::Server {
+                            context: format!("server {} ended the session", self.target),
+                            db: Box::new(e),
+                        });
+                    }
+                    // The server still sends ReadyForQuery; keep reading until then.
+                    self.pending_error.get_or_insert(e);
+                    if self.state == State::CopyBoth || self.state == State::CopyIn {
+                        self.state = State::Query;
+                    }
+                    continue;
+                }
+                BackendMessage::ReadyForQuery(_) => {
+                    self.state = State::Idle;
+                    if let Some(e) = self.pending_error.take() {
+                        return Err(Error::Server {
+                            context: format!("server {}", self.target),
+                            db: Box::new(e),
+                        });
+                    }
+                    return Ok(None);
+                }
+                BackendMessage::NoticeResponse(n) => {
+                    log_notice(&n);
+                    continue;
+                }
+                BackendMessage::ParameterStatus { name, value } => {
+                    self.params.insert(name, value);
+                    continue;
+                }
+                BackendMessage::Ignored(_) | BackendMessage::BackendKeyData { .. } => continue,
+                BackendMessage::Authentication { .. } => {
+                    return Err(Error::Protocol(
+                        "authentication request after startup".into(),
+                    ))
+                }
+            };
+            return Ok(Some(ev));
+        }
+    }
+
+    /// Runs a command and collects every result set it returns. A copy in the response is a
+    /// protocol error here: use [`Connection::start_query`] for those.
+    pub async fn simple_query(&mut self, sql: &str) -> Result<Vec<ResultSet>> {
+        self.start_query(sql).await?;
+        let mut sets = Vec::new();
+        let mut cur: Option<ResultSet> = None;
+        while let Some(ev) = self.next_event().await? {
+            match ev {
+                Event::RowDescription(columns) => {
+                    cur = Some(ResultSet {
+                        columns,
+                        ..Default::default()
+                    })
+                }
+                Event::DataRow(r) => match cur.as_mut() {
+                    Some(c) => c.rows.push(r),
+                    None => return Err(Error::Protocol("DataRow without RowDescription".into())),
+                },
+                Event::CommandComplete(tag) => {
+                    let mut set = cur.take().unwrap_or_default();
+                    set.tag = tag;
+                    sets.push(set);
+                }
+                Event::EmptyQuery => {}
+                other => {
+                    return Err(Error::Protocol(format!(
+                        "unexpected {other:?} in response to \"{}\"",
+                        redact(sql)
+                    )))
+                }
+            }
+        }
+        // A walsender's result sets may end without CommandComplete (e.g. IDENTIFY_SYSTEM
+        // before PG 15 sent one per set); keep a trailing set too.
+        if let Some(set) = cur.take() {
+            sets.push(set);
+        }
+        Ok(sets)
+    }
+
+    /// Runs a command that returns exactly one row and returns it with its columns.
+    pub async fn query_one(&mut self, sql: &str) -> Result<(Vec<Column>, Row)> {
+        let sets = self.simple_query(sql).await?;
+        let set = sets
+            .into_iter()
+            .find(|s| !s.columns.is_empty())
+            .ok_or_else(|| {
+                Error::Protocol(format!("\"{}\" returned no result set", redact(sql)))
+            })?;
+        let row = set
+            .rows
+            .into_iter()
+            .next()
+            .ok_or_else(|| Error::Protocol(format!("\"{}\" returned no row", redact(sql))))?;
+        Ok((set.columns, row))
+    }
+
+    /// Sends CopyData (during CopyIn or CopyBoth). Buffers; call [`Connection::flush`].
+    pub fn queue_copy_data(&mut self, data: &[u8]) -> Result<()> {
+        frontend::CopyData::new(data)
+            .map_err(|e| Error::Protocol(e.to_string()))?
+            .write(&mut self.wbuf);
+        Ok(())
+    }
+
+    /// Sends CopyDone.
+    pub async fn send_copy_done(&mut self) -> Result<()> {
+        frontend::copy_done(&mut self.wbuf);
+        self.flush_w().await
+    }
+
+    /// Flushes queued messages.
+    pub async fn flush(&mut self) -> Result<()> {
+        self.flush_w().await
+    }
+
+    /// Sends Terminate and closes the socket; errors are ignored (we are leaving anyway).
+    pub async fn close(mut self) {
+        frontend::terminate(&mut self.wbuf);
+        let _ = self.flush_w().await;
+        let _ = self.stream.shutdown().await;
+    }
+
+    /// Sets a cap on the size of one backend message.
+    pub fn set_max_message(&mut self, bytes: usize) {
+        self.max_message = bytes;
+    }
+}
+
+/// Keeps passwords out of logged commands (none of ours carry one, but SQL may).
+fn redact(sql: &str) -> String {
+    if sql.to_ascii_lowercase().contains("password") {
+        "<command redacted: contains a password>".into()
+    } else {
+        sql.chars().take(200).collect()
+    }
+}
+
+fn log_notice(n: &DbError) {
+    match n.severity.as_str() {
+        "WARNING" => tracing::warn!(target: "pgpar::server", "{}", n.message),
+        _ => tracing::info!(target: "pgpar::server", "{}", n.message),
+    }
+}
+
+fn startup_hint(db: &DbError, cfg: &ConnConfig) -> Option<String> {
+    match db.code.as_str() {
+        "28P01" => Some(
+            "check the password (PGPASSWORD, the password file, or password= in -d)".into(),
+        ),
+        "28000" if db.message.contains("pg_hba.conf") => Some(
+            "add a line for database \"replication\" (or \"all\") for this user and host to the server's pg_hba.conf and reload"
+                .into(),
+        ),
+        "28000" if db.message.contains("does not exist") => {
+            Some(format!("create the role, or connect as another with -U (tried \"{}\")", cfg.user))
+        }
+        "42501" => Some(format!(
+            "the role needs the REPLICATION attribute: ALTER ROLE \"{}\" REPLICATION",
+            cfg.user
+        )),
+        "53300" => Some(
+            "raise max_wal_senders (and max_connections) on the server, or use fewer --jobs".into(),
+        ),
+        "57P03" => Some("the server is starting up or shutting down: try again in a moment".into()),
+        _ => None,
+    }
+}
+
+/// Sleeps, for retry back-off (kept here so the driver's callers share one notion of time).
+pub async fn backoff(attempt: u32) {
+    tokio::time::sleep(Duration::from_millis(200 * (1 << attempt.min(5)))).await;
+}

@@ -1,0 +1,154 @@
+//! The library's error type.
+//!
+//! Every error carries enough context to act on: the host it was talking to, the path it was
+//! writing, the server's SQLSTATE and message. `Display` is one line; a hint, where there is
+//! one, is kept apart so the binary can print it on its own line.
+
+use std::fmt;
+use std::io;
+
+/// An error reported by the server (an ErrorResponse), with every field we use kept.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct DbError {
+    /// Severity as sent (`ERROR`, `FATAL`, …), not localised.
+    pub severity: String,
+    /// The five-character SQLSTATE.
+    pub code: String,
+    /// The primary message.
+    pub message: String,
+    /// Optional detail.
+    pub detail: Option<String>,
+    /// Optional hint.
+    pub hint: Option<String>,
+}
+
+impl fmt::Display for DbError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{} (SQLSTATE {})", self.message, self.code)?;
+        if let Some(d) = &self.detail {
+            write!(f, ": {}", d.replace('\n', " "))?;
+        }
+        Ok(())
+    }
+}
+
+/// The library's error.
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    /// Invalid input noticed before any server work: options, conninfo, target directory.
+    #[error("{0}")]
+    Usage(String),
+    /// Could not reach or log into the server.
+    #[error("could not connect to {target}: {reason}")]
+    Connect {
+        /// `host:port` or the socket path, never the password.
+        target: String,
+        /// What went wrong.
+        reason: String,
+        /// The SQLSTATE when the server refused us.
+        sqlstate: Option<String>,
+        /// What the user can do about it.
+        hint: Option<String>,
+    },
+    /// The server answered a command with an error.
+    #[error("{context}: {db}")]
+    Server {
+        /// What we were doing.
+        context: String,
+        /// The server's error.
+        db: Box<DbError>,
+    },
+    /// The server sent something the protocol does not allow at this point.
+    #[error("protocol violation: {0}")]
+    Protocol(String),
+    /// The connection was closed or broke while a command was running.
+    #[error("connection to {target} lost: {reason}")]
+    ConnectionLost {
+        /// `host:port` or socket path.
+        target: String,
+        /// The I/O error or "closed by server".
+        reason: String,
+    },
+    /// A local file-system operation failed.
+    #[error("{context}: {source}")]
+    Io {
+        /// The operation and path.
+        context: String,
+        /// The underlying error.
+        #[source]
+        source: io::Error,
+    },
+    /// Anything else that makes the backup impossible, already phrased for the user.
+    #[error("{0}")]
+    Failed(String),
+}
+
+/// Result alias for the library.
+pub type Result<T, E = Error> = std::result::Result<T, E>;
+
+impl Error {
+    /// Builds an [`Error::Io`] naming the operation and path.
+    pub fn io(context: impl Into<String>, source: io::Error) -> Error {
+        Error::Io {
+            context: context.into(),
+            source,
+        }
+    }
+
+    /// The SQLSTATE the server sent, if this error came from the server.
+    pub fn sqlstate(&self) -> Option<&str> {
+        match self {
+            Error::Server { db, .. } => Some(&db.code),
+            Error::Connect { sqlstate, .. } => sqlstate.as_deref(),
+            _ => None,
+        }
+    }
+
+    /// The server's error, if any.
+    pub fn db_error(&self) -> Option<&DbError> {
+        match self {
+            Error::Server { db, .. } => Some(db),
+            _ => None,
+        }
+    }
+
+    /// A hint for the user, printed on its own line by the binary.
+    pub fn hint(&self) -> Option<String> {
+        match self {
+            Error::Connect { hint, .. } => hint.clone(),
+            Error::Server { db, .. } => db.hint.clone().or_else(|| server_hint(&db.code)),
+            _ => None,
+        }
+    }
+
+    /// The process exit code this error maps to (documented in README.md).
+    pub fn exit_code(&self) -> i32 {
+        match self {
+            Error::Usage(_) => 2,
+            Error::Connect { .. } => 3,
+            _ => 1,
+        }
+    }
+
+    /// Adds what we were doing to a server error; other kinds pass through unchanged.
+    pub fn context(self, what: impl Into<String>) -> Error {
+        match self {
+            Error::Server { db, .. } => Error::Server {
+                context: what.into(),
+                db,
+            },
+            other => other,
+        }
+    }
+}
+
+fn server_hint(code: &str) -> Option<String> {
+    match code {
+        "53300" => Some(
+            "all connection slots for WAL senders are in use: raise max_wal_senders on the \
+             server (needs a restart), or use fewer --jobs"
+                .into(),
+        ),
+        _ => None,
+    }
+}

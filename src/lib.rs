@@ -1,0 +1,22 @@
+//! pgpar: PostgreSQL base backups over many replication connections at once.
+//!
+//! Data flows one way: [`conninfo`] → [`conn`] (socket, TLS, auth, framing) → typed
+//! [`replication`] commands → a source (the [`basebackup`] stream, or parallel workers) →
+//! a [`sink`] (plain directory) → the manifest; [`wal`] streams beside it into `pg_wal/`.
+#![warn(missing_docs)]
+
+pub mod backup;
+pub mod basebackup;
+pub mod check;
+pub mod conn;
+pub mod conninfo;
+pub mod durable;
+pub mod error;
+pub mod lsn;
+pub mod progress;
+pub mod replication;
+pub mod sink;
+pub mod tar;
+pub mod wal;
+
+pub use error::{DbError, Error, Result};

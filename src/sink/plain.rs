@@ -1,0 +1,304 @@
+//! Plain-format extraction: tar members become files, directories and tablespace links.
+//!
+//! Modes follow the server's (0700/0600, or 0750/0640 with group access); paths are checked
+//! so that nothing the server sends can land outside the backup or a mapped tablespace.
+
+use std::fs::{self, File, OpenOptions};
+use std::io::{BufWriter, Write};
+use std::os::unix::fs::{DirBuilderExt, OpenOptionsExt, PermissionsExt};
+use std::path::{Component, Path, PathBuf};
+
+use super::SinkStats;
+use crate::error::{Error, Result};
+use crate::tar::{EntryKind, TarEvent};
+
+/// `-T OLD=NEW` mappings.
+#[derive(Debug, Clone, Default)]
+pub struct TablespaceMap(pub Vec<(PathBuf, PathBuf)>);
+
+impl TablespaceMap {
+    /// Parses one `OLD=NEW` argument (`\=` escapes an equals sign), as pg_basebackup does.
+    pub fn parse_arg(arg: &str) -> Result<(PathBuf, PathBuf)> {
+        let bad = |why: &str| Error::Usage(format!("invalid tablespace mapping \"{arg}\": {why}"));
+        let mut old = String::new();
+        let mut new = String::new();
+        let mut seen_eq = false;
+        let mut chars = arg.chars().peekable();
+        while let Some(c) = chars.next() {
+            let cur = if seen_eq { &mut new } else { &mut old };
+            match c {
+                '\\' if chars.peek() == Some(&'=') => {
+                    cur.push('=');
+                    chars.next();
+                }
+                '=' if !seen_eq => seen_eq = true,
+                '=' => return Err(bad("multiple \"=\" signs")),
+                c => cur.push(c),
+            }
+        }
+        if !seen_eq || old.is_empty() || new.is_empty() {
+            return Err(bad("must be in OLDDIR=NEWDIR format"));
+        }
+        let (old, new) = (PathBuf::from(old), PathBuf::from(new));
+        if !old.is_absolute() {
+            return Err(bad("old directory is not an absolute path"));
+        }
+        if !new.is_absolute() {
+            return Err(bad("new directory is not an absolute path"));
+        }
+        Ok((clean(&old), clean(&new)))
+    }
+
+    /// Where a tablespace at server path `old` goes in this backup.
+    pub fn map(&self, old: &Path) -> PathBuf {
+        let old = clean(old);
+        self.0
+            .iter()
+            .find(|(o, _)| *o == old)
+            .map(|(_, n)| n.clone())
+            .unwrap_or(old)
+    }
+}
+
+/// Removes `.` components and trailing slashes (no symlink resolution).
+fn clean(p: &Path) -> PathBuf {
+    p.components()
+        .filter(|c| !matches!(c, Component::CurDir))
+        .collect()
+}
+
+/// Checks that an archive path is relative and stays inside its root.
+pub fn safe_relative(p: &str) -> Result<&Path> {
+    let path = Path::new(p);
+    if p.is_empty()
+        || path
+            .components()
+            .any(|c| !matches!(c, Component::Normal(_) | Component::CurDir))
+    {
+        return Err(Error::Protocol(format!(
+            "server sent an unsafe path \"{p}\" (absolute or with \"..\")"
+        )));
+    }
+    Ok(path)
+}
+
+/// Prepares a target directory: creates it (and parents) when missing, or checks that it is
+/// empty. Returns whether we created it (so cleanup removes it rather than its contents).
+pub fn prepare_empty_dir(dir: &Path, what: &str) -> Result<bool> {
+    match fs::read_dir(dir) {
+        Ok(mut rd) => {
+            if rd.next().is_some() {
+                return Err(Error::Usage(format!(
+                    "{what} \"{}\" exists but is not empty",
+                    dir.display()
+                )));
+            }
+            Ok(false)
+        }
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
+            fs::DirBuilder::new()
+                .recursive(true)
+                .mode(0o700)
+                .create(dir)
+                .map_err(|e| {
+                    Error::Usage(format!(
+                        "could not create {what} \"{}\": {e}",
+                        dir.display()
+                    ))
+                })?;
+            Ok(true)
+        }
+        Err(e) => Err(Error::Usage(format!(
+            "could not access {what} \"{}\": {e}",
+            dir.display()
+        ))),
+    }
+}
+
+/// Creates a directory with a mode (ignoring one that already exists).
+pub fn make_dir(p: &Path, mode: u32) -> Result<()> {
+    match fs::DirBuilder::new().mode(mode).create(p) {
+        Ok(()) => {}
+        Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists && p.is_dir() => {}
+        Err(e) => {
+            return Err(Error::io(
+                format!("could not create directory \"{}\"", p.display()),
+                e,
+            ))
+        }
+    }
+    fs::set_permissions(p, fs::Permissions::from_mode(mode)).map_err(|e| {
+        Error::io(
+            format!("could not set permissions on \"{}\"", p.display()),
+            e,
+        )
+    })
+}
+
+/// Server mode bits reduced to what PostgreSQL uses (owner, optionally group read).
+pub fn dir_mode(m: u32) -> u32 {
+    if m == 0 {
+        0o700
+    } else {
+        (m & 0o750) | 0o700
+    }
+}
+
+/// See [`dir_mode`].
+pub fn file_mode(m: u32) -> u32 {
+    if m == 0 {
+        0o600
+    } else {
+        (m & 0o640) | 0o600
+    }
+}
+
+/// Writes tar members under the current archive's destination.
+pub struct PlainExtractor {
+    root: PathBuf,
+    map: TablespaceMap,
+    dest: PathBuf,
+    file: Option<(PathBuf, BufWriter<File>)>,
+    stats: SinkStats,
+}
+
+impl PlainExtractor {
+    /// An extractor into `root`.
+    pub fn new(root: PathBuf, map: TablespaceMap) -> PlainExtractor {
+        PlainExtractor {
+            dest: root.clone(),
+            root,
+            map,
+            file: None,
+            stats: SinkStats::default(),
+        }
+    }
+
+    /// The backup directory.
+    pub fn root(&self) -> &Path {
+        &self.root
+    }
+
+    /// A new archive: the data directory when `tablespace_path` is empty, else the mapped
+    /// tablespace directory, which must be empty or absent.
+    pub fn begin_archive(&mut self, tablespace_path: &str) -> Result<()> {
+        self.dest = if tablespace_path.is_empty() {
+            self.root.clone()
+        } else {
+            let d = self.map.map(Path::new(tablespace_path));
+            prepare_empty_dir(&d, "tablespace directory").map_err(|e| match e {
+                Error::Usage(m) => Error::Failed(format!(
+                    "{m} (map the tablespace elsewhere with -T {tablespace_path}=NEWDIR)"
+                )),
+                other => other,
+            })?;
+            self.stats.tablespace_dirs.push(d.clone());
+            d
+        };
+        Ok(())
+    }
+
+    /// Ends the current archive.
+    pub fn end_archive(&mut self) -> Result<()> {
+        self.close_file()
+    }
+
+    fn close_file(&mut self) -> Result<()> {
+        if let Some((p, mut w)) = self.file.take() {
+            w.flush()
+                .map_err(|e| Error::io(format!("could not write \"{}\"", p.display()), e))?;
+        }
+        Ok(())
+    }
+
+    /// Handles one tar event.
+    pub fn event(&mut self, ev: TarEvent<'_>) -> Result<()> {
+        match ev {
+            TarEvent::Entry(e) => {
+                let rel = safe_relative(&e.path)?;
+                let p = self.dest.join(rel);
+                match e.kind {
+                    EntryKind::Dir => make_dir(&p, dir_mode(e.mode))?,
+                    EntryKind::File => {
+                        let f = OpenOptions::new()
+                            .write(true)
+                            .create(true)
+                            .truncate(true)
+                            .mode(file_mode(e.mode))
+                            .open(&p)
+                            .map_err(|err| {
+                                Error::io(format!("could not create file \"{}\"", p.display()), err)
+                            })?;
+                        self.stats.files += 1;
+                        self.file = Some((p, BufWriter::with_capacity(1 << 20, f)));
+                    }
+                    EntryKind::Symlink => {
+                        let target = self.map.map(Path::new(&e.link));
+                        std::os::unix::fs::symlink(&target, &p).map_err(|err| {
+                            Error::io(
+                                format!(
+                                    "could not create symbolic link \"{}\" -> \"{}\"",
+                                    p.display(),
+                                    target.display()
+                                ),
+                                err,
+                            )
+                        })?;
+                    }
+                }
+            }
+            TarEvent::Data(d) => {
+                let (p, w) = self
+                    .file
+                    .as_mut()
+                    .ok_or_else(|| Error::Protocol("tar data outside a file member".into()))?;
+                w.write_all(d)
+                    .map_err(|e| Error::io(format!("could not write \"{}\"", p.display()), e))?;
+                self.stats.bytes += d.len() as u64;
+            }
+            TarEvent::EntryEnd => self.close_file()?,
+            TarEvent::End => {}
+        }
+        Ok(())
+    }
+
+    /// What was written so far.
+    pub fn stats(&self) -> SinkStats {
+        self.stats.clone()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn tablespace_mapping_arguments() {
+        let (o, n) = TablespaceMap::parse_arg("/srv/a\\=b=/backup/ts/").unwrap();
+        assert_eq!(o, PathBuf::from("/srv/a=b"));
+        assert_eq!(n, PathBuf::from("/backup/ts"));
+        for bad in ["/a", "a=/b", "/a=b", "=/b", "/a=", "/a=/b=/c"] {
+            let e = TablespaceMap::parse_arg(bad).unwrap_err();
+            assert_eq!(e.exit_code(), 2, "{bad}");
+        }
+        let m = TablespaceMap(vec![(o, n)]);
+        assert_eq!(m.map(Path::new("/srv/a=b/")), PathBuf::from("/backup/ts"));
+        assert_eq!(m.map(Path::new("/other")), PathBuf::from("/other"));
+    }
+
+    #[test]
+    fn unsafe_paths_are_refused() {
+        assert!(safe_relative("../etc/passwd").is_err());
+        assert!(safe_relative("/etc/passwd").is_err());
+        assert!(safe_relative("base/../../x").is_err());
+        assert!(safe_relative("base/1/1259").is_ok());
+    }
+
+    #[test]
+    fn modes_keep_group_read_only() {
+        assert_eq!(dir_mode(0o755), 0o750);
+        assert_eq!(file_mode(0o644), 0o640);
+        assert_eq!(file_mode(0o600), 0o600);
+        assert_eq!(dir_mode(0), 0o700);
+    }
+}
