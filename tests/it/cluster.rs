@@ -121,7 +121,12 @@ pub fn as_server_user(program: &Path) -> Command {
 /// Give `path` (recursively, without following symlinks) to the server's OS user.
 pub fn give_to_server_user(path: &Path) {
     if is_root() {
-        run_ok(Command::new("chown").arg("-R").arg("postgres:postgres").arg(path));
+        run_ok(
+            Command::new("chown")
+                .arg("-R")
+                .arg("postgres:postgres")
+                .arg(path),
+        );
     }
 }
 
@@ -308,13 +313,6 @@ impl Cluster {
         status.success()
     }
 
-    /// Stop the server (fast shutdown), keeping the data directory.
-    pub fn stop(&mut self) {
-        if self.running {
-            self.pg_ctl_stop("fast");
-        }
-    }
-
     fn pg_ctl_stop(&mut self, mode: &str) {
         let _ = as_server_user(&self.bindir.join("pg_ctl"))
             .arg("-D")
@@ -362,7 +360,11 @@ impl Cluster {
 
     /// Keyword/value conninfo for `role` over the Unix socket, without a password.
     pub fn socket_conninfo(&self, role: &str) -> String {
-        format!("host={} port={} user={role}", self.sockdir.display(), self.port)
+        format!(
+            "host={} port={} user={role}",
+            self.sockdir.display(),
+            self.port
+        )
     }
 
     /// Run SQL (any number of statements) as the superuser over the socket; returns psql's
@@ -570,7 +572,11 @@ fn hba_conf() -> String {
             writeln!(s, "local   {db:<12} {role:<12}                {method}").unwrap();
             writeln!(s, "host    {db:<12} {role:<12} 127.0.0.1/32   {method}").unwrap();
         }
-        writeln!(s, "hostssl {db:<12} ssl_user     127.0.0.1/32   scram-sha-256").unwrap();
+        writeln!(
+            s,
+            "hostssl {db:<12} ssl_user     127.0.0.1/32   scram-sha-256"
+        )
+        .unwrap();
     }
     s
 }

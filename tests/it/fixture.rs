@@ -37,12 +37,25 @@ fn fixture_roles_connect_as_documented() {
         let ssl_only = *role == "ssl_user";
         ok(&psql(&c, &tcp, Some(&pw), "SELECT 1"), "tcp", !ssl_only);
         ok(&psql(&c, &sock, Some(&pw), "SELECT 1"), "socket", !ssl_only);
-        let o = psql(&c, &tls, Some(&pw), "SELECT ssl FROM pg_stat_ssl WHERE pid = pg_backend_pid()");
+        let o = psql(
+            &c,
+            &tls,
+            Some(&pw),
+            "SELECT ssl FROM pg_stat_ssl WHERE pid = pg_backend_pid()",
+        );
         ok(&o, "verify-full", true);
         assert_eq!(o.stdout.trim(), "t", "{role}: not over TLS:\n{o}");
-        ok(&psql(&c, &repl, Some(&pw), "IDENTIFY_SYSTEM"), "replication", *role != "norepl_user");
+        ok(
+            &psql(&c, &repl, Some(&pw), "IDENTIFY_SYSTEM"),
+            "replication",
+            *role != "norepl_user",
+        );
         if *role != "trust_user" {
-            ok(&psql(&c, &tls, Some("wrong"), "SELECT 1"), "wrong password", false);
+            ok(
+                &psql(&c, &tls, Some("wrong"), "SELECT 1"),
+                "wrong password",
+                false,
+            );
         }
     }
     // md5_user really is stored as md5 (PostgreSQL would otherwise answer with SCRAM).
@@ -56,7 +69,11 @@ fn fixture_roles_connect_as_documented() {
         c.ca_cert.display()
     );
     let o = psql(&c, &wrong, None, "SELECT 1");
-    assert_ne!(o.code, Some(0), "verify-full with a wrong host name connected:\n{o}");
+    assert_ne!(
+        o.code,
+        Some(0),
+        "verify-full with a wrong host name connected:\n{o}"
+    );
 }
 
 #[test]

@@ -13,8 +13,14 @@ const PGPAR_TIMEOUT: Duration = Duration::from_secs(300);
 
 /// `pgpar` with an environment that cannot leak the test runner's settings into it: no `PG*`
 /// variables, and `HOME` an empty directory (no `~/.pgpass`).
+///
+/// `PGPAR_TEST_BIN` names another build of pgpar to test instead of this crate's (say, a
+/// release binary).
 pub fn pgpar() -> Command {
-    let mut c = Command::new(env!("CARGO_BIN_EXE_pgpar"));
+    let bin = std::env::var_os("PGPAR_TEST_BIN")
+        .filter(|v| !v.is_empty())
+        .unwrap_or_else(|| env!("CARGO_BIN_EXE_pgpar").into());
+    let mut c = Command::new(bin);
     for (k, _) in std::env::vars_os() {
         if k.to_string_lossy().starts_with("PG") {
             c.env_remove(k);
