@@ -452,38 +452,44 @@ impl Cluster {
 
     /// Hold a session that has a temporary table (with a few pages of data) until the returned
     /// guard is dropped. Returns once the table exists.
-    pub fn hold_temp_table(&self) -> TempTableSession {
-        let mut child = self
-            .psql_command("postgres")
+    pub fn hold_temp_table(&self) -> HeldSession {
+        self.hold_session(
+            &format!("{} dbname=postgres", self.socket_conninfo("postgres")),
+            "CREATE TEMP TABLE pgpar_held_temp AS SELECT g, repeat('x', 200) AS pad \
+             FROM generate_series(1, 5000) g;\nCHECKPOINT;\n",
+            "SELECT count(*) FROM pg_class WHERE relname = 'pgpar_held_temp' \
+             AND relpersistence = 't';",
+        )
+    }
+
+    /// Hold a psql session on `conninfo` that has run `sql`, until the returned guard is
+    /// dropped. Returns once `ready` (a query run as the superuser) answers "1" or more, so
+    /// the caller knows the session is in place.
+    pub fn hold_session(&self, conninfo: &str, sql: &str, ready: &str) -> HeldSession {
+        let mut child = Command::new(self.bindir.join("psql"))
+            .args(["-X", "-q", "-d", conninfo])
+            .env_remove("PGPASSWORD")
             .stdin(Stdio::piped())
             .stdout(Stdio::null())
             .stderr(Stdio::null())
             .spawn()
             .expect("run psql");
         let mut stdin = child.stdin.take().unwrap();
-        stdin
-            .write_all(
-                b"CREATE TEMP TABLE pgpar_held_temp AS SELECT g, repeat('x', 200) AS pad \
-                  FROM generate_series(1, 5000) g;\nCHECKPOINT;\n",
-            )
-            .unwrap();
+        stdin.write_all(sql.as_bytes()).unwrap();
         stdin.flush().unwrap();
         let deadline = Instant::now() + Duration::from_secs(30);
         loop {
-            let n = self.psql(
-                "SELECT count(*) FROM pg_class WHERE relname = 'pgpar_held_temp' \
-                 AND relpersistence = 't';",
-            );
-            if n.trim() == "1" {
+            let n: u64 = self.psql(ready).trim().parse().unwrap_or(0);
+            if n >= 1 {
                 break;
             }
             assert!(
                 Instant::now() < deadline,
-                "temp table session did not come up"
+                "session on {conninfo} did not come up (waiting for: {ready})"
             );
             std::thread::sleep(Duration::from_millis(50));
         }
-        TempTableSession {
+        HeldSession {
             child,
             _stdin: stdin,
         }
@@ -516,13 +522,13 @@ impl Drop for Cluster {
     }
 }
 
-/// A psql session holding a temporary table; killed on drop.
-pub struct TempTableSession {
+/// A psql session kept open; killed on drop.
+pub struct HeldSession {
     child: Child,
     _stdin: std::process::ChildStdin,
 }
 
-impl Drop for TempTableSession {
+impl Drop for HeldSession {
     fn drop(&mut self) {
         let _ = self.child.kill();
         let _ = self.child.wait();
