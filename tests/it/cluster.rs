@@ -147,17 +147,27 @@ pub fn run_ok(cmd: &mut Command) -> String {
 }
 
 /// A port on 127.0.0.1 that nothing listens on now and that no other cluster of this process
-/// has been given. (Another process may still take it before the server binds it: `start`
-/// retries on a new port when that happens.)
+/// has been given.
+///
+/// Ports come from 15000..32000, below Linux's ephemeral range (32768..), so that the client
+/// side of some test's outgoing connection cannot be sitting on a port just handed to a
+/// server. Another process may still take the port before the server binds it: `Cluster`
+/// retries on a new port when that happens.
 pub fn free_port() -> u16 {
     static GIVEN: OnceLock<Mutex<HashSet<u16>>> = OnceLock::new();
     let given = GIVEN.get_or_init(Default::default);
+    // No rand crate: mix the clock, the pid and a counter (this only has to spread picks).
+    let mut x = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_nanos() as u64
+        ^ (u64::from(std::process::id()) << 32);
     loop {
-        let port = TcpListener::bind("127.0.0.1:0")
-            .and_then(|l| l.local_addr())
-            .expect("bind 127.0.0.1:0")
-            .port();
-        if given.lock().unwrap().insert(port) {
+        x ^= x << 13;
+        x ^= x >> 7;
+        x ^= x << 17;
+        let port = 15000 + (x % 17000) as u16;
+        if TcpListener::bind(("127.0.0.1", port)).is_ok() && given.lock().unwrap().insert(port) {
             return port;
         }
     }

@@ -12,15 +12,25 @@ set -euo pipefail
 #   postgresql-15, postgresql-client-15  stock server and its tools (initdb, pg_ctl, psql, pgbench,
 #                                        pg_verifybackup, pg_controldata) for the integration tests
 #   openssl                              self-signed server certificate for the TLS tests
-#   procps                               pkill/pgrep/ps used by the scripts to inspect processes
+#   procps                               ps/pgrep, to look at the test servers when debugging
 #   make                                 `make test` / `make demo` themselves
+#   python3                              demo.sh picks free ports with it
 #   ca-certificates                      apt over https mirrors on minimal images
-PACKAGES=(postgresql-15 postgresql-client-15 openssl procps make ca-certificates)
+PACKAGES=(postgresql-15 postgresql-client-15 openssl procps make python3 ca-certificates)
 
 missing=()
 for pkg in "${PACKAGES[@]}"; do
     # "ii": installed and configured; anything else (unknown, half-installed, removed) is missing.
     [[ $(dpkg-query -W -f='${db:Status-Abbrev}' "$pkg" 2>/dev/null) == ii* ]] || missing+=("$pkg")
+done
+
+# `make test` runs cargo fmt and clippy: add the components if the toolchain lacks them.
+for component in rustfmt clippy; do
+    sub=${component/rustfmt/fmt}
+    if ! cargo "$sub" --version >/dev/null 2>&1 && command -v rustup >/dev/null; then
+        echo "deps: adding Rust component $component" >&2
+        rustup component add "$component"
+    fi
 done
 
 if ((${#missing[@]} == 0)); then
