@@ -397,3 +397,42 @@ fn check_human_output_hides_password() {
     out.assert_success();
     assert_hides_all(&out);
 }
+
+#[test]
+fn check_takes_connection_settings_from_the_environment() {
+    let c = Cluster::new(Pg::V15);
+    let port = c.port.to_string();
+    let log_start = c.server_log().len();
+    let out = run(pgpar()
+        .args(["check", "--json"])
+        .env("PGHOST", &c.sockdir)
+        .env("PGPORT", &port)
+        .env("PGUSER", "scram_user")
+        .env("PGPASSWORD", password("scram_user"))
+        .env("PGAPPNAME", "pgpar-it-app"));
+    assert_checked(&c, &out);
+    std::thread::sleep(std::time::Duration::from_millis(200));
+    let log = c.server_log();
+    assert!(
+        log[log_start..].contains("application_name=pgpar-it-app"),
+        "PGAPPNAME did not reach the server:\n{}",
+        &log[log_start..]
+    );
+
+    // Options win over the environment.
+    let out = run(pgpar()
+        .args([
+            "check",
+            "--json",
+            "-h",
+            "127.0.0.1",
+            "-p",
+            &port,
+            "-U",
+            "trust_user",
+        ])
+        .env("PGHOST", "/nonexistent")
+        .env("PGPORT", "1")
+        .env("PGUSER", "nobody_here"));
+    assert_checked(&c, &out);
+}

@@ -368,7 +368,14 @@ fn stream_backup_is_private() {
     c.pgbench_init(1);
     let dir = scratch_dir();
     let target = dir.path().join("backup");
-    backup(&c, &target, &[]).assert_success();
+    // Over the Unix socket this time, named with -h/-p/-U.
+    run(pgpar()
+        .args(["backup", "-c", "fast", "-D"])
+        .arg(&target)
+        .arg("-h")
+        .arg(&c.sockdir)
+        .args(["-p", &c.port.to_string(), "-U", "trust_user"]))
+    .assert_success();
     assert_eq!(mode(&target), 0o700, "backup directory");
     let mut checked = 0;
     for rel in walk(&target) {
