@@ -580,3 +580,72 @@ fn parallel_method_on_stock_server_fails_cleanly() {
     assert!(!target.exists(), "-D was left behind:\n{out}");
     assert_server_clean(&c);
 }
+
+#[test]
+fn manifest_checksum_choice_reaches_the_manifest() {
+    let c = Cluster::new(Pg::V15);
+    c.psql("CREATE TABLE t AS SELECT generate_series(1, 10000) g;");
+    let dir = scratch_dir();
+    for (args, algorithm) in [
+        (&[][..], Some("CRC32C")),
+        (
+            &["--manifest-checksums", "SHA256", "--no-sync"][..],
+            Some("SHA256"),
+        ),
+        (&["--manifest-checksums", "NONE"][..], None),
+    ] {
+        let target = dir
+            .path()
+            .join(format!("backup-{}", algorithm.unwrap_or("none")));
+        let out = backup(&c, &target, args);
+        out.assert_success();
+        c.pg_verifybackup(&target);
+        let text = fs::read_to_string(target.join("backup_manifest")).unwrap();
+        let m: serde_json::Value = serde_json::from_str(&text).unwrap();
+        for f in m["Files"].as_array().unwrap() {
+            assert_eq!(
+                f["Checksum-Algorithm"].as_str(),
+                algorithm,
+                "{args:?}: manifest entry {f}"
+            );
+        }
+    }
+}
+
+#[test]
+fn page_checksum_failure_fails_the_backup_unless_told_not_to_verify() {
+    let c = Cluster::new(Pg::V15);
+    c.psql(
+        "CREATE TABLE victim AS SELECT g, repeat('v', 100) AS pad FROM generate_series(1, 5000) g;
+         CHECKPOINT;",
+    );
+    let rel = c
+        .psql("SELECT pg_relation_filepath('victim');")
+        .trim()
+        .to_string();
+    // Scribble over the middle of the second page, behind the server's back: its checksum no
+    // longer matches. The table is not written again, so the server never rewrites the page.
+    let path = c.data.join(&rel);
+    let mut bytes = fs::read(&path).unwrap();
+    assert!(bytes.len() > 2 * 8192, "victim is too small");
+    bytes[8192 + 4000..8192 + 4100].fill(0xA5);
+    fs::write(&path, bytes).unwrap();
+
+    let dir = scratch_dir();
+    let target = dir.path().join("verified");
+    let out = backup(&c, &target, &[]);
+    out.assert_error(1);
+    assert!(
+        out.error_message().contains("checksum"),
+        "the error does not mention the checksum failure:\n{out}"
+    );
+    assert!(
+        !target.join("backup_manifest").exists(),
+        "a backup with a checksum failure looks finished:\n{out}"
+    );
+
+    let target = dir.path().join("unverified");
+    let out = backup(&c, &target, &["--no-verify-checksums"]);
+    out.assert_success();
+    c.pg_verifybackup(&target);
+}

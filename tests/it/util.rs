@@ -100,7 +100,8 @@ impl Out {
     }
 
     /// Exit code `code`, and the error reported the documented way: exactly one stderr line
-    /// starting "pgpar: error: " (any other lines are "pgpar: hint: ").
+    /// starting "pgpar: error: "; any other lines are "pgpar: hint: ", or "pgpar: warning: "
+    /// (a server's warnings that led up to the error, say which page failed its checksum).
     #[track_caller]
     pub fn assert_error(&self, code: i32) -> &Out {
         assert_eq!(self.code, Some(code), "expected exit code {code}:\n{self}");
@@ -112,7 +113,9 @@ impl Out {
         assert_eq!(errors, 1, "expected one 'pgpar: error: ' line:\n{self}");
         for line in self.stderr.lines() {
             assert!(
-                line.starts_with("pgpar: error: ") || line.starts_with("pgpar: hint: "),
+                ["pgpar: error: ", "pgpar: hint: ", "pgpar: warning: "]
+                    .iter()
+                    .any(|p| line.starts_with(p)),
                 "unexpected stderr line {line:?} on failure:\n{self}"
             );
         }
