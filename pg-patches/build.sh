@@ -1,0 +1,195 @@
+#!/usr/bin/env bash
+# Build PostgreSQL 17 (Debian trixie's postgresql-17 source package) with the
+# patch series in pg-patches/17/ applied, into a cache outside the repository.
+#
+#   bash pg-patches/build.sh build    build (idempotent; instant when cached)
+#   bash pg-patches/build.sh bindir   print the bin directory of the build for
+#                                     the current patch series (offline)
+#   bash pg-patches/build.sh srcdir   print the patched build tree (for make check)
+#   bash pg-patches/build.sh hash     print the patch series hash
+#
+# Layout under $PGPAR_CACHE (default $HOME/.cache/pgpar):
+#   apt-trixie/                 private apt configuration and lists (system apt untouched)
+#   pg17/src/<version>/         downloaded source package + pristine upstream tree
+#   pg17/<version>-<hash>/      build tree (build/) and installation (install/)
+#   pg17/by-patch/<hash>        pointer: the install prefix built for that patch hash
+#
+# The cache key is the source version plus the sha256 of the patch files, so a
+# changed patch or a new Debian minor gives a new build directory, and an
+# unchanged one is found without the network.
+set -euo pipefail
+
+here=$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)
+PATCHDIR="$here/17"
+CACHE="${PGPAR_CACHE:-$HOME/.cache/pgpar}"
+PGROOT="$CACHE/pg17"
+APTDIR="$CACHE/apt-trixie"
+JOBS="${PGPAR_MAKE_JOBS:-3}"
+
+log() { echo "pg-patches/build.sh: $*" >&2; }
+die() { echo "pg-patches/build.sh: error: $*" >&2; exit 1; }
+
+patch_files() {
+    # stable order: the series order given by the file names
+    find "$PATCHDIR" -maxdepth 1 -name '*.patch' -type f | LC_ALL=C sort
+}
+
+patch_hash() {
+    local f
+    {
+        while IFS= read -r f; do
+            printf '%s\n' "$(basename "$f")"
+            sha256sum < "$f" | cut -d' ' -f1
+        done < <(patch_files)
+    } | sha256sum | cut -c1-16
+}
+
+pointer_prefix() {
+    # prints the install prefix recorded for this patch hash, if it is complete
+    local h p
+    h=$(patch_hash)
+    [ -f "$PGROOT/by-patch/$h" ] || return 1
+    p=$(cat "$PGROOT/by-patch/$h")
+    [ -f "$p/.complete" ] && [ -x "$p/bin/postgres" ] || return 1
+    printf '%s\n' "$p"
+}
+
+install_deps() {
+    local missing=() p
+    for p in bison flex liblz4-dev libzstd-dev libreadline-dev zlib1g-dev make gcc patch pkg-config; do
+        dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q 'install ok installed' || missing+=("$p")
+    done
+    [ ${#missing[@]} -eq 0 ] && return 0
+    log "installing build dependencies: ${missing[*]}"
+    [ "$(id -u)" = 0 ] || die "missing packages ${missing[*]} and not root; install them first"
+    apt-get -o DPkg::Lock::Timeout=600 update -qq
+    DEBIAN_FRONTEND=noninteractive apt-get -o DPkg::Lock::Timeout=600 install -y -qq "${missing[@]}" >/dev/null
+}
+
+apt_opts() {
+    echo "-o Dir::Etc::SourceList=/dev/null -o Dir::Etc::SourceParts=$APTDIR -o Dir::State::Lists=$APTDIR/lists -o Dir::Cache=$APTDIR/cache -o Debug::NoLocking=1"
+}
+
+# Resolve the source version to build. Prints the version; the source lands in
+# $PGROOT/src/<version>/ with the pristine tree in .../postgresql-<upstream>.
+fetch_source() {
+    mkdir -p "$APTDIR/lists/partial" "$APTDIR/cache/archives/partial" "$PGROOT/src"
+    local srcfile="/etc/apt/sources.list.d/debian.sources"
+    local ver=""
+    if [ -f "$srcfile" ]; then
+        # the system's own mirror (first stanza), turned into trixie source packages
+        awk 'BEGIN{RS=""} NR==1' "$srcfile" \
+            | sed -e 's/^Types: .*/Types: deb-src/' -e 's/^Suites: .*/Suites: trixie/' \
+            > "$APTDIR/trixie.sources"
+        # shellcheck disable=SC2046
+        if timeout 120 apt-get $(apt_opts) update -qq >&2 2>"$APTDIR/update.log"; then
+            ver=$(apt-cache $(apt_opts) showsrc postgresql-17 2>/dev/null \
+                | awk '/^Version:/{print $2}' | sort -V | tail -1)
+        else
+            log "could not update the private apt lists (see $APTDIR/update.log)"
+        fi
+    fi
+    if [ -z "$ver" ]; then
+        # offline: fall back to the newest source already cached
+        ver=$(find "$PGROOT/src" -mindepth 2 -maxdepth 2 -name .complete -printf '%h\n' 2>/dev/null \
+            | xargs -r -n1 basename | sort -V | tail -1)
+        [ -n "$ver" ] || die "cannot resolve postgresql-17 in trixie and nothing is cached"
+        log "using cached source $ver"
+    fi
+    local d="$PGROOT/src/$ver"
+    if [ ! -f "$d/.complete" ]; then
+        log "downloading postgresql-17 $ver source"
+        rm -rf "$d"; mkdir -p "$d"
+        # shellcheck disable=SC2046
+        (cd "$d" && apt-get $(apt_opts) source --download-only "postgresql-17=$ver" >&2) \
+            || die "download of postgresql-17 $ver failed"
+        local orig
+        orig=$(ls "$d"/postgresql-17_*.orig.tar.* 2>/dev/null | head -1)
+        [ -n "$orig" ] || die "no .orig tarball in $d"
+        (cd "$d" && tar xf "$orig") || die "cannot unpack $orig"
+        touch "$d/.complete"
+    fi
+    printf '%s\n' "$ver"
+}
+
+pristine_tree() {
+    local d="$PGROOT/src/$1" t
+    t=$(find "$d" -mindepth 1 -maxdepth 1 -type d -name 'postgresql-17*' | head -1)
+    [ -n "$t" ] || die "no pristine tree in $d"
+    printf '%s\n' "$t"
+}
+
+apply_series() {
+    local tree=$1 p out
+    while IFS= read -r p; do
+        log "applying $(basename "$p")"
+        if ! out=$(cd "$tree" && patch -p1 --fuzz=3 --forward --batch --no-backup-if-mismatch -r - < "$p" 2>&1); then
+            echo "$out" >&2
+            die "patch $(basename "$p") does not apply to $(basename "$tree"): rejected hunk(s) above"
+        fi
+        if grep -qiE 'FAILED|rejects|Reversed|ignored' <<<"$out"; then
+            echo "$out" >&2
+            die "patch $(basename "$p") did not apply cleanly"
+        fi
+        grep -E 'fuzz|offset' <<<"$out" >&2 || true
+    done < <(patch_files)
+}
+
+cmd_build() {
+    local prefix
+    if prefix=$(pointer_prefix); then
+        log "up to date: $prefix (patch hash $(patch_hash))"
+        return 0
+    fi
+    [ -n "$(patch_files)" ] || die "no patches in $PATCHDIR"
+    install_deps
+    local ver hash key work tree
+    ver=$(fetch_source)
+    hash=$(patch_hash)
+    key="$ver-$hash"
+    work="$PGROOT/$key"
+    prefix="$work/install"
+    if [ ! -f "$prefix/.complete" ]; then
+        local t0=$SECONDS
+        rm -rf "$work"; mkdir -p "$work"
+        tree=$(pristine_tree "$ver")
+        cp -a "$tree" "$work/build"
+        apply_series "$work/build"
+        log "configuring $key"
+        (cd "$work/build" && ./configure --prefix="$prefix" --without-icu --with-lz4 --with-zstd \
+            >"$work/configure.log" 2>&1) || { tail -30 "$work/configure.log" >&2; die "configure failed (log: $work/configure.log)"; }
+        log "building with make -j$JOBS"
+        (cd "$work/build" && make -j"$JOBS" -s >"$work/make.log" 2>&1) \
+            || { grep -E 'error|Error' "$work/make.log" | head -30 >&2; die "build failed (log: $work/make.log)"; }
+        (cd "$work/build" && make -s install >>"$work/make.log" 2>&1 \
+            && make -s -C contrib/amcheck install >>"$work/make.log" 2>&1) \
+            || { tail -30 "$work/make.log" >&2; die "install failed (log: $work/make.log)"; }
+        touch "$prefix/.complete"
+        log "built $key in $((SECONDS - t0)) s"
+    fi
+    mkdir -p "$PGROOT/by-patch"
+    printf '%s\n' "$prefix" > "$PGROOT/by-patch/$hash.tmp"
+    mv "$PGROOT/by-patch/$hash.tmp" "$PGROOT/by-patch/$hash"
+    log "installed in $prefix"
+}
+
+cmd_bindir() {
+    local prefix
+    prefix=$(pointer_prefix) || die "PostgreSQL 17 with the current pg-patches/17 (hash $(patch_hash)) is not built; run 'make postgres'"
+    printf '%s\n' "$prefix/bin"
+}
+
+cmd_srcdir() {
+    local prefix
+    prefix=$(pointer_prefix) || die "not built; run 'make postgres'"
+    printf '%s\n' "$(dirname "$prefix")/build"
+}
+
+case "${1:-}" in
+    build) cmd_build ;;
+    bindir) cmd_bindir ;;
+    srcdir) cmd_srcdir ;;
+    hash) patch_hash ;;
+    fetch) install_deps; v=$(fetch_source); pristine_tree "$v" ;;
+    *) echo "usage: $0 build|bindir|srcdir|hash|fetch" >&2; exit 2 ;;
+esac
