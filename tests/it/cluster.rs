@@ -23,9 +23,10 @@
 //! | `ssl_user`    | scram-sha-256   | `hostssl` only: no socket, no plain TCP    |
 //! | `postgres`    | trust           | bootstrap superuser, socket and TCP        |
 //!
-//! TLS: a test CA (`ca_cert()`) signs the server certificate for CN=localhost with
+//! TLS: a test CA (`ca_cert`) signs the server certificate for CN=localhost with
 //! subjectAltName DNS:localhost, IP:127.0.0.1; `sslmode=verify-full sslrootcert=<ca_cert>`
-//! works with host=localhost.
+//! works with host=localhost. A server build without OpenSSL (see `Cluster::tls`) runs
+//! without TLS and without `ssl_user`'s row; the TLS tests use PostgreSQL 15, which has it.
 
 use std::collections::{BTreeMap, HashSet};
 use std::fmt::Write as _;
@@ -195,6 +196,9 @@ pub struct Cluster {
     pub log: PathBuf,
     /// The CA certificate that signed the server certificate (for `sslrootcert`).
     pub ca_cert: PathBuf,
+    /// Whether the server build supports TLS (then `ssl = on` and `ssl_user` exists as
+    /// documented; without it, `ssl_user` has no pg_hba row).
+    pub tls: bool,
     running: bool,
     // Dropped after `Drop::drop` has stopped the server.
     _dir: TempDir,
@@ -228,7 +232,8 @@ impl Cluster {
             fs::set_permissions(data.join(f), fs::Permissions::from_mode(0o600)).unwrap();
         }
         give_to_server_user(&data);
-        fs::write(data.join("pg_hba.conf"), hba_conf()).unwrap();
+        let tls = build_supports_tls(&bindir);
+        fs::write(data.join("pg_hba.conf"), hba_conf(tls)).unwrap();
 
         let mut cluster = Cluster {
             pg,
@@ -238,6 +243,7 @@ impl Cluster {
             sockdir,
             log: root.join("server.log"),
             ca_cert,
+            tls,
             running: false,
             _dir: dir,
         };
@@ -278,6 +284,7 @@ impl Cluster {
             sockdir,
             log: root.join("server.log"),
             ca_cert: self.ca_cert.clone(),
+            tls: self.tls,
             running: false,
             _dir: dir,
         };
@@ -291,7 +298,7 @@ impl Cluster {
             self.port = free_port();
             // postgresql.auto.conf is read last, so this wins over whatever a backup carried.
             let mut conf = fs::read_to_string(self.data.join("postgresql.auto.conf")).unwrap();
-            conf.push_str(&server_conf(self.port, &self.sockdir));
+            conf.push_str(&server_conf(self.port, &self.sockdir, self.tls));
             fs::write(self.data.join("postgresql.auto.conf"), conf).unwrap();
             if self.pg_ctl_start() {
                 self.running = true;
@@ -545,7 +552,12 @@ impl Drop for HeldSession {
     }
 }
 
-fn server_conf(port: u16, sockdir: &Path) -> String {
+fn server_conf(port: u16, sockdir: &Path, tls: bool) -> String {
+    let ssl = if tls {
+        "ssl = on\nssl_cert_file = 'server.crt'\nssl_key_file = 'server.key'\n"
+    } else {
+        ""
+    };
     format!(
         "\n# pgpar test fixture\n\
          listen_addresses = '127.0.0.1'\n\
@@ -556,9 +568,7 @@ fn server_conf(port: u16, sockdir: &Path) -> String {
          max_replication_slots = 10\n\
          max_connections = 60\n\
          shared_buffers = 32MB\n\
-         ssl = on\n\
-         ssl_cert_file = 'server.crt'\n\
-         ssl_key_file = 'server.key'\n\
+         {ssl}\
          fsync = off\n\
          synchronous_commit = off\n\
          full_page_writes = on\n\
@@ -569,7 +579,13 @@ fn server_conf(port: u16, sockdir: &Path) -> String {
     )
 }
 
-fn hba_conf() -> String {
+/// Whether the server build in `bindir` was configured with OpenSSL.
+fn build_supports_tls(bindir: &Path) -> bool {
+    let configure = run_ok(Command::new(bindir.join("pg_config")).arg("--configure"));
+    configure.contains("--with-openssl") || configure.contains("--with-ssl=openssl")
+}
+
+fn hba_conf(tls: bool) -> String {
     let mut s = String::from(
         "# TYPE  DATABASE     USER         ADDRESS        METHOD\n\
          local   all          postgres                    trust\n\
@@ -588,11 +604,14 @@ fn hba_conf() -> String {
             writeln!(s, "local   {db:<12} {role:<12}                {method}").unwrap();
             writeln!(s, "host    {db:<12} {role:<12} 127.0.0.1/32   {method}").unwrap();
         }
-        writeln!(
-            s,
-            "hostssl {db:<12} ssl_user     127.0.0.1/32   scram-sha-256"
-        )
-        .unwrap();
+        // Without TLS in the build, a hostssl row could never match: leave it out.
+        if tls {
+            writeln!(
+                s,
+                "hostssl {db:<12} ssl_user     127.0.0.1/32   scram-sha-256"
+            )
+            .unwrap();
+        }
     }
     s
 }
