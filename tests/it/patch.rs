@@ -1,0 +1,774 @@
+//! The server side of the parallel protocol (`pg-patches/17`), spoken directly through the
+//! library's connection: START_BACKUP, SEND_FILE_LIST, SEND_FILES_CONTENT and STOP_BACKUP,
+//! checked against `protocol-notes/parallel-backup.md` — the result shapes, the CopyData
+//! framing, the refusals with their SQLSTATEs, leader disconnects and checksum failures.
+
+use std::collections::BTreeMap;
+use std::fs;
+use std::os::unix::fs::{symlink, FileExt};
+use std::process::Command;
+use std::time::{Duration, Instant};
+
+use pgpar::conn::{Connection, Event, Replication, ResultSet};
+use pgpar::conninfo::ConnConfig;
+
+use crate::cluster::{give_to_server_user, is_root, run_ok, scratch_dir, Cluster, Pg};
+
+const TEXT: u32 = 25;
+const INT8: u32 = 20;
+const OID: u32 = 26;
+
+async fn repl(c: &Cluster) -> Connection {
+    let cfg = ConnConfig::parse(&c.socket_conninfo("trust_user")).expect("conninfo");
+    Connection::connect(&cfg, Replication::Physical)
+        .await
+        .expect("replication connection")
+}
+
+/// A string literal for the walsender's scanner: `'...'` with `''` doubling.
+fn lit(s: &str) -> String {
+    format!("'{}'", s.replace('\'', "''"))
+}
+
+#[track_caller]
+fn assert_columns(set: &ResultSet, expected: &[(&str, u32)]) {
+    let got: Vec<(&str, u32)> = set
+        .columns
+        .iter()
+        .map(|c| (c.name.as_str(), c.type_oid))
+        .collect();
+    assert_eq!(got, expected, "columns of a result set");
+}
+
+fn parse_lsn(s: &str) -> u64 {
+    let (hi, lo) = s
+        .split_once('/')
+        .unwrap_or_else(|| panic!("not an LSN: {s}"));
+    (u64::from_str_radix(hi, 16).unwrap() << 32) | u64::from_str_radix(lo, 16).unwrap()
+}
+
+struct Started {
+    start_lsn: String,
+    backup_id: String,
+    label: String,
+    map: String,
+    /// (spcoid, spclocation, size)
+    tablespaces: Vec<(Option<String>, Option<String>, i64)>,
+}
+
+async fn start_backup(leader: &mut Connection, label: &str) -> Started {
+    let sets = leader
+        .simple_query(&format!(
+            "START_BACKUP (LABEL {}, CHECKPOINT 'fast')",
+            lit(label)
+        ))
+        .await
+        .expect("START_BACKUP");
+    assert_eq!(sets.len(), 2, "START_BACKUP returns two result sets");
+    assert_columns(
+        &sets[0],
+        &[
+            ("start_lsn", TEXT),
+            ("timeline", INT8),
+            ("backup_id", TEXT),
+            ("backup_label", TEXT),
+            ("tablespace_map", TEXT),
+        ],
+    );
+    assert_eq!(sets[0].tag, "SELECT");
+    assert_eq!(sets[0].rows.len(), 1);
+    assert_columns(
+        &sets[1],
+        &[("spcoid", OID), ("spclocation", TEXT), ("size", INT8)],
+    );
+    assert_eq!(sets[1].tag, "START_BACKUP");
+    let r = &sets[0].rows[0];
+    let started = Started {
+        start_lsn: r.get(0).unwrap().to_string(),
+        backup_id: r.get(2).unwrap().to_string(),
+        label: r.get(3).unwrap().to_string(),
+        map: r.get(4).unwrap().to_string(),
+        tablespaces: sets[1]
+            .rows
+            .iter()
+            .map(|r| {
+                (
+                    r.get(0).map(str::to_string),
+                    r.get(1).map(str::to_string),
+                    r.get(2).unwrap().parse().unwrap(),
+                )
+            })
+            .collect(),
+    };
+    assert_eq!(r.get(1), Some("1"), "timeline");
+    parse_lsn(&started.start_lsn);
+    assert_eq!(
+        started.backup_id.len(),
+        32,
+        "backup id: {}",
+        started.backup_id
+    );
+    assert!(started
+        .backup_id
+        .chars()
+        .all(|c| c.is_ascii_hexdigit() && !c.is_ascii_uppercase()));
+    assert!(
+        started
+            .label
+            .starts_with(&format!("START WAL LOCATION: {} (file ", started.start_lsn)),
+        "backup_label: {}",
+        started.label
+    );
+    assert!(started.label.contains(&format!("\nLABEL: {label}\n")));
+    let last = started.tablespaces.last().expect("main directory row");
+    assert!(last.0.is_none() && last.1.is_none() && last.2 > 0);
+    started
+}
+
+#[derive(Debug, Clone)]
+struct Entry {
+    path: String,
+    kind: String,
+    size: u64,
+    link: Option<String>,
+    spcoid: Option<String>,
+}
+
+async fn file_list(leader: &mut Connection, backup_id: &str) -> Vec<Entry> {
+    let sets = leader
+        .simple_query(&format!("SEND_FILE_LIST (BACKUP_ID {})", lit(backup_id)))
+        .await
+        .expect("SEND_FILE_LIST");
+    assert_eq!(sets.len(), 1);
+    assert_eq!(sets[0].tag, "SEND_FILE_LIST");
+    assert_columns(
+        &sets[0],
+        &[
+            ("path", TEXT),
+            ("type", TEXT),
+            ("size", INT8),
+            ("mtime", INT8),
+            ("link_target", TEXT),
+            ("spcoid", OID),
+        ],
+    );
+    sets[0]
+        .rows
+        .iter()
+        .map(|r| {
+            let mtime: i64 = r.get(3).unwrap().parse().unwrap();
+            assert!(mtime > 1_000_000_000, "mtime in seconds since the epoch");
+            Entry {
+                path: r.get(0).unwrap().to_string(),
+                kind: r.get(1).unwrap().to_string(),
+                size: r.get(2).unwrap().parse().unwrap(),
+                link: r.get(4).map(str::to_string),
+                spcoid: r.get(5).map(str::to_string),
+            }
+        })
+        .collect()
+}
+
+/// One file (or range) of a SEND_FILES_CONTENT stream.
+#[derive(Debug, Default)]
+struct Fetched {
+    path: String,
+    offset: i64,
+    length: i64,
+    data: Vec<u8>,
+    bytes_sent: i64,
+    failures: i32,
+    blocks: Vec<i32>,
+}
+
+fn be_i64(b: &[u8]) -> i64 {
+    i64::from_be_bytes(b[..8].try_into().unwrap())
+}
+
+fn be_i32(b: &[u8]) -> i32 {
+    i32::from_be_bytes(b[..4].try_into().unwrap())
+}
+
+/// Runs a command and returns every event up to ReadyForQuery, with the error if it failed.
+async fn run_events(conn: &mut Connection, sql: &str) -> (Vec<Event>, Option<pgpar::Error>) {
+    conn.start_query(sql).await.expect("send query");
+    let mut events = Vec::new();
+    loop {
+        match conn.next_event().await {
+            Ok(Some(ev)) => events.push(ev),
+            Ok(None) => return (events, None),
+            Err(e) => return (events, Some(e)),
+        }
+    }
+}
+
+/// Decode a SEND_FILES_CONTENT response by the framing of the protocol notes (§5.2).
+fn decode_stream(events: &[Event]) -> Vec<Fetched> {
+    let mut out: Vec<Fetched> = Vec::new();
+    let mut in_file = false;
+    let mut seen_start = false;
+    let mut seen_done = false;
+    for ev in events {
+        match ev {
+            Event::CopyOutStart => {
+                assert!(!seen_start, "one CopyOutResponse per command");
+                seen_start = true;
+            }
+            Event::CopyData(d) => {
+                assert!(seen_start && !seen_done);
+                match d[0] {
+                    b'H' => {
+                        assert!(!in_file, "header inside a file");
+                        assert_eq!(*d.last().unwrap(), 0, "path is NUL-terminated");
+                        let path = std::str::from_utf8(&d[17..d.len() - 1]).unwrap();
+                        assert!(!path.contains('\0'));
+                        out.push(Fetched {
+                            path: path.to_string(),
+                            offset: be_i64(&d[1..]),
+                            length: be_i64(&d[9..]),
+                            ..Default::default()
+                        });
+                        in_file = true;
+                    }
+                    b'd' => {
+                        assert!(in_file, "data outside a file");
+                        assert!(d.len() > 1);
+                        out.last_mut().unwrap().data.extend_from_slice(&d[1..]);
+                    }
+                    b'T' => {
+                        assert!(in_file, "trailer without header");
+                        let f = out.last_mut().unwrap();
+                        f.bytes_sent = be_i64(&d[1..]);
+                        f.failures = be_i32(&d[9..]);
+                        let n = be_i32(&d[13..]) as usize;
+                        assert_eq!(d.len(), 17 + 4 * n, "trailer size");
+                        f.blocks = (0..n).map(|i| be_i32(&d[17 + 4 * i..])).collect();
+                        in_file = false;
+                        if f.length >= 0 {
+                            assert_eq!(f.data.len() as i64, f.length, "{}: data vs header", f.path);
+                            assert_eq!(f.bytes_sent, f.length, "{}: trailer vs header", f.path);
+                        } else {
+                            assert!(f.data.is_empty() && f.bytes_sent == 0);
+                        }
+                    }
+                    t => panic!("unknown CopyData type byte {t:#x}"),
+                }
+            }
+            Event::CopyDone => {
+                assert!(seen_start && !in_file);
+                seen_done = true;
+            }
+            Event::CommandComplete(tag) => {
+                assert!(seen_done);
+                assert_eq!(tag, "SEND_FILES_CONTENT");
+            }
+            other => panic!("unexpected {other:?} in SEND_FILES_CONTENT"),
+        }
+    }
+    assert!(seen_done, "stream ends with CopyDone");
+    out
+}
+
+fn files_content_sql(
+    backup_id: &str,
+    files: &[(&str, Option<(u64, u64)>)],
+    verify: bool,
+) -> String {
+    let specs: Vec<String> = files
+        .iter()
+        .map(|(p, r)| match r {
+            Some((o, l)) => format!("{} {o} {l}", lit(p)),
+            None => lit(p),
+        })
+        .collect();
+    format!(
+        "SEND_FILES_CONTENT (BACKUP_ID {}, VERIFY_CHECKSUMS {verify}, FILES ({}))",
+        lit(backup_id),
+        specs.join(", ")
+    )
+}
+
+async fn fetch(
+    conn: &mut Connection,
+    backup_id: &str,
+    files: &[(&str, Option<(u64, u64)>)],
+    verify: bool,
+) -> Vec<Fetched> {
+    let sql = files_content_sql(backup_id, files, verify);
+    let (events, err) = run_events(conn, &sql).await;
+    if let Some(e) = err {
+        panic!("SEND_FILES_CONTENT failed: {e}");
+    }
+    let got = decode_stream(&events);
+    assert_eq!(got.len(), files.len(), "one header/trailer per file spec");
+    for (g, (p, _)) in got.iter().zip(files) {
+        assert_eq!(g.path, *p, "files come back in request order");
+    }
+    got
+}
+
+/// Runs SEND_FILES_CONTENT expecting a refusal: returns the SQLSTATE, and checks that not a
+/// single CopyData (nor the CopyOutResponse) came before the error.
+async fn refused(conn: &mut Connection, backup_id: &str, path: &str) -> String {
+    let sql = files_content_sql(backup_id, &[(path, None)], true);
+    let (events, err) = run_events(conn, &sql).await;
+    let err = err.unwrap_or_else(|| panic!("{path:?} was not refused: {events:?}"));
+    assert!(
+        events.is_empty(),
+        "{path:?}: something was sent before the error: {events:?}"
+    );
+    err.sqlstate()
+        .unwrap_or_else(|| panic!("no SQLSTATE in {err}"))
+        .to_string()
+}
+
+async fn sqlstate_of(conn: &mut Connection, sql: &str) -> String {
+    match conn.simple_query(sql).await {
+        Ok(sets) => panic!("{sql} succeeded: {sets:?}"),
+        Err(e) => e
+            .sqlstate()
+            .unwrap_or_else(|| panic!("no SQLSTATE in {e}"))
+            .to_string(),
+    }
+}
+
+async fn stop_backup(leader: &mut Connection, label: &str) -> String {
+    let sets = leader
+        .simple_query(&format!(
+            "STOP_BACKUP (BACKUP_LABEL {}, WAIT_FOR_ARCHIVE false)",
+            lit(label)
+        ))
+        .await
+        .expect("STOP_BACKUP");
+    assert_eq!(sets.len(), 1);
+    assert_eq!(sets[0].tag, "STOP_BACKUP");
+    assert_columns(&sets[0], &[("stop_lsn", TEXT), ("timeline", INT8)]);
+    assert_eq!(sets[0].rows.len(), 1);
+    assert_eq!(sets[0].rows[0].get(1), Some("1"));
+    sets[0].rows[0].get(0).unwrap().to_string()
+}
+
+/// A directory the server's OS user owns, for a tablespace.
+fn tablespace_dir() -> tempfile::TempDir {
+    let d = scratch_dir();
+    give_to_server_user(d.path());
+    d
+}
+
+#[tokio::test]
+async fn detection_stock_and_patched() {
+    let stock = Cluster::new(Pg::V15);
+    let mut c = repl(&stock).await;
+    assert_eq!(
+        sqlstate_of(&mut c, "SHOW parallel_backup_protocol").await,
+        "42704"
+    );
+    // The connection stays usable.
+    c.simple_query("IDENTIFY_SYSTEM").await.unwrap();
+
+    let patched = Cluster::new(Pg::V17);
+    let mut c = repl(&patched).await;
+    let sets = c
+        .simple_query("SHOW parallel_backup_protocol")
+        .await
+        .unwrap();
+    assert_eq!(sets[0].rows[0].get(0), Some("1"));
+}
+
+#[tokio::test]
+async fn round_trip_over_three_connections() {
+    let c = Cluster::new(Pg::V17);
+    let ts = tablespace_dir();
+    c.psql(&format!(
+        "CREATE TABLESPACE it_ts LOCATION '{}';\
+         CREATE TABLE in_ts (a int, b text) TABLESPACE it_ts;\
+         INSERT INTO in_ts SELECT g, repeat('y', 50) FROM generate_series(1, 20000) g;\
+         CREATE UNLOGGED TABLE unlogged_t (a int);\
+         INSERT INTO unlogged_t SELECT generate_series(1, 1000);\
+         CHECKPOINT;",
+        ts.path().display()
+    ));
+    let ts_oid = c
+        .psql("SELECT oid FROM pg_tablespace WHERE spcname = 'it_ts'")
+        .trim()
+        .to_string();
+    let unlogged_path = c
+        .psql("SELECT pg_relation_filepath('unlogged_t')")
+        .trim()
+        .to_string();
+
+    let mut leader = repl(&c).await;
+    let started = start_backup(&mut leader, "it round trip").await;
+    assert_eq!(
+        started.map,
+        format!("{ts_oid} {}\n", ts.path().display()),
+        "tablespace_map"
+    );
+    assert_eq!(started.tablespaces.len(), 2);
+    assert_eq!(started.tablespaces[0].0.as_deref(), Some(ts_oid.as_str()));
+    assert_eq!(
+        started.tablespaces[0].1.as_deref(),
+        Some(ts.path().to_str().unwrap())
+    );
+    assert!(started.tablespaces[0].2 > 0);
+
+    let list = file_list(&mut leader, &started.backup_id).await;
+    let by_path: BTreeMap<&str, &Entry> = list.iter().map(|e| (e.path.as_str(), e)).collect();
+    assert_eq!(by_path.len(), list.len(), "no path listed twice");
+    assert_eq!(
+        list.last().unwrap().path,
+        "global/pg_control",
+        "pg_control is last"
+    );
+    assert_eq!(by_path["PG_VERSION"].kind, "f");
+    assert_eq!(by_path["PG_VERSION"].size, 3);
+    assert_eq!(by_path["base"].kind, "d");
+    for d in [
+        "pg_wal",
+        "pg_wal/archive_status",
+        "pg_wal/summaries",
+        "pg_replslot",
+    ] {
+        assert_eq!(by_path[d].kind, "d", "{d}");
+    }
+    assert!(
+        !list
+            .iter()
+            .any(|e| (e.path.starts_with("pg_wal/") && e.kind != "d")
+                || e.path.starts_with("pg_replslot/")),
+        "excluded directories are listed empty"
+    );
+    for gone in ["postmaster.pid", "postmaster.opts", "backup_label"] {
+        assert!(!by_path.contains_key(gone), "{gone} is excluded");
+    }
+    assert!(!list.iter().any(|e| e.path.contains("pg_internal.init")));
+    assert!(
+        !by_path.contains_key(unlogged_path.as_str()),
+        "unlogged main fork excluded"
+    );
+    assert!(
+        by_path.contains_key(format!("{unlogged_path}_init").as_str()),
+        "unlogged init fork included"
+    );
+    let link = by_path[format!("pg_tblspc/{ts_oid}").as_str()];
+    assert_eq!(link.kind, "l");
+    assert_eq!(link.link.as_deref(), Some(ts.path().to_str().unwrap()));
+    assert_eq!(link.spcoid, None);
+    let ts_files: Vec<&Entry> = list
+        .iter()
+        .filter(|e| e.path.starts_with(&format!("pg_tblspc/{ts_oid}/PG_17_")))
+        .collect();
+    assert!(ts_files.iter().any(|e| e.kind == "f" && e.size > 0));
+    assert!(ts_files
+        .iter()
+        .all(|e| e.spcoid.as_deref() == Some(ts_oid.as_str())));
+    assert!(list
+        .iter()
+        .filter(|e| !e.path.starts_with("pg_tblspc/"))
+        .all(|e| e.spcoid.is_none() && (e.kind == "l") == e.link.is_some()));
+
+    // Every file but pg_control, over two worker connections at the same time, with the sizes
+    // of the list fixed as ranges.
+    let files: Vec<(String, u64)> = list
+        .iter()
+        .filter(|e| e.kind == "f" && e.path != "global/pg_control")
+        .map(|e| (e.path.clone(), e.size))
+        .collect();
+    let (a, b) = files.split_at(files.len() / 2);
+    let mut handles = Vec::new();
+    for part in [a.to_vec(), b.to_vec()] {
+        let mut w = repl(&c).await;
+        let id = started.backup_id.clone();
+        handles.push(tokio::spawn(async move {
+            let specs: Vec<(&str, Option<(u64, u64)>)> = part
+                .iter()
+                .map(|(p, s)| (p.as_str(), Some((0, *s))))
+                .collect();
+            let got = fetch(&mut w, &id, &specs, true).await;
+            for (g, (_, s)) in got.iter().zip(&part) {
+                assert_eq!(g.offset, 0);
+                assert!(g.length == *s as i64 || g.length == -1, "{g:?}");
+                assert_eq!(g.failures, 0, "{}", g.path);
+            }
+            got.into_iter()
+                .map(|g| (g.path, g.data))
+                .collect::<Vec<_>>()
+        }));
+    }
+    let mut fetched = BTreeMap::new();
+    for h in handles {
+        fetched.extend(h.await.unwrap());
+    }
+    assert_eq!(fetched.len(), files.len());
+    assert_eq!(fetched["PG_VERSION"], b"17\n");
+    let ts_rel = ts_files
+        .iter()
+        .find(|e| e.kind == "f" && e.size >= 8192)
+        .unwrap();
+    let on_disk = fs::read(
+        ts.path().join(
+            ts_rel
+                .path
+                .split_once(&format!("pg_tblspc/{ts_oid}/"))
+                .unwrap()
+                .1,
+        ),
+    )
+    .unwrap();
+    assert_eq!(
+        &fetched[&ts_rel.path][..8192],
+        &on_disk[..8192],
+        "first page of {}",
+        ts_rel.path
+    );
+
+    // A range in the middle of a file, and a range past the end (zero-padded).
+    let mut w = repl(&c).await;
+    let got = fetch(
+        &mut w,
+        &started.backup_id,
+        &[
+            (ts_rel.path.as_str(), Some((8192, 8192))),
+            ("PG_VERSION", Some((1, 10))),
+        ],
+        true,
+    )
+    .await;
+    assert_eq!(got[0].offset, 8192);
+    assert_eq!(got[0].data, &fetched[&ts_rel.path][8192..16384]);
+    assert_eq!(got[1].data, b"7\n\0\0\0\0\0\0\0\0");
+
+    // pg_control after everything else, then STOP_BACKUP on the leader.
+    let got = fetch(
+        &mut w,
+        &started.backup_id,
+        &[("global/pg_control", None)],
+        true,
+    )
+    .await;
+    assert_eq!(got[0].length, 8192);
+    let stop = stop_backup(&mut leader, &started.label).await;
+    assert!(parse_lsn(&stop) > parse_lsn(&started.start_lsn));
+
+    // The backup is over for every connection.
+    assert_eq!(
+        refused(&mut w, &started.backup_id, "PG_VERSION").await,
+        "55000"
+    );
+}
+
+#[tokio::test]
+async fn send_files_content_refusals() {
+    let c = Cluster::new(Pg::V17);
+    let mut w = repl(&c).await;
+
+    // No backup running at all.
+    assert_eq!(
+        refused(&mut w, "0123456789abcdef0123456789abcdef", "PG_VERSION").await,
+        "55000"
+    );
+
+    let mut leader = repl(&c).await;
+    let started = start_backup(&mut leader, "refusals").await;
+    let id = started.backup_id.as_str();
+
+    // Unknown backup id while another one runs.
+    assert_eq!(
+        refused(&mut w, "fedcba9876543210fedcba9876543210", "PG_VERSION").await,
+        "55000"
+    );
+
+    // A file outside the cluster, reachable through a symlink inside the data directory.
+    let outside = scratch_dir();
+    let secret = outside.path().join("secret");
+    fs::write(&secret, b"not part of any backup").unwrap();
+    give_to_server_user(outside.path());
+    symlink(&secret, c.data.join("evil_file")).unwrap();
+    symlink(outside.path(), c.data.join("evil_dir")).unwrap();
+    if is_root() {
+        for l in ["evil_file", "evil_dir"] {
+            run_ok(
+                Command::new("chown")
+                    .args(["-h", "postgres:postgres"])
+                    .arg(c.data.join(l)),
+            );
+        }
+    }
+
+    for path in [
+        "../PG_VERSION",
+        "base/../../PG_VERSION",
+        "base/1/../../global/pg_control",
+        "./PG_VERSION",
+        "base//1",
+        "/etc/passwd",
+        c.data.join("PG_VERSION").to_str().unwrap(),
+        "evil_file",
+        "evil_dir/secret",
+        "postmaster.pid",
+        "postmaster.opts",
+        "pg_wal/000000010000000000000001",
+        "pg_replslot/x",
+        "",
+    ] {
+        assert_eq!(refused(&mut w, id, path).await, "42501", "{path:?}");
+    }
+
+    // The same connection still works for a proper file, and the list does not show the links.
+    let got = fetch(&mut w, id, &[("PG_VERSION", None)], true).await;
+    assert_eq!(got[0].data, b"17\n");
+    let list = file_list(&mut leader, id).await;
+    assert!(!list.iter().any(|e| e.path.starts_with("evil_")));
+
+    // A finished backup.
+    stop_backup(&mut leader, &started.label).await;
+    assert_eq!(refused(&mut w, id, "PG_VERSION").await, "55000");
+}
+
+#[tokio::test]
+async fn stop_backup_only_on_leader_with_its_label() {
+    let c = Cluster::new(Pg::V17);
+    let mut leader = repl(&c).await;
+    let started = start_backup(&mut leader, "stop checks").await;
+    let mut other = repl(&c).await;
+
+    let stop = |label: &str| {
+        format!(
+            "STOP_BACKUP (BACKUP_LABEL {}, WAIT_FOR_ARCHIVE false)",
+            lit(label)
+        )
+    };
+    // Another session, even with the right label.
+    assert_eq!(
+        sqlstate_of(&mut other, &stop(&started.label)).await,
+        "55000"
+    );
+    // SEND_FILE_LIST is the leader's too.
+    assert_eq!(
+        sqlstate_of(
+            &mut other,
+            &format!("SEND_FILE_LIST (BACKUP_ID {})", lit(&started.backup_id))
+        )
+        .await,
+        "55000"
+    );
+    // The leader, with a label that is not the one START_BACKUP returned.
+    let wrong = started.label.replace("stop checks", "another backup");
+    assert_eq!(sqlstate_of(&mut leader, &stop(&wrong)).await, "22023");
+    // Neither refusal ended the backup.
+    let got = fetch(
+        &mut other,
+        &started.backup_id,
+        &[("PG_VERSION", None)],
+        true,
+    )
+    .await;
+    assert_eq!(got[0].data, b"17\n");
+    stop_backup(&mut leader, &started.label).await;
+    // Stopping twice.
+    assert_eq!(
+        sqlstate_of(&mut leader, &stop(&started.label)).await,
+        "55000"
+    );
+}
+
+#[tokio::test]
+async fn leader_disconnect_ends_backup() {
+    let c = Cluster::new(Pg::V17);
+    let mut leader = repl(&c).await;
+    let started = start_backup(&mut leader, "leader goes away").await;
+    let mut w = repl(&c).await;
+    fetch(&mut w, &started.backup_id, &[("PG_VERSION", None)], true).await;
+
+    leader.close().await;
+
+    let deadline = Instant::now() + Duration::from_secs(30);
+    loop {
+        let sql = files_content_sql(&started.backup_id, &[("PG_VERSION", None)], true);
+        let (events, err) = run_events(&mut w, &sql).await;
+        if let Some(e) = err {
+            assert!(events.is_empty(), "{events:?}");
+            assert_eq!(e.sqlstate(), Some("55000"), "{e}");
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "backup still running 30 s after its leader disconnected"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    let log = c.server_log();
+    assert!(
+        log.contains("aborting backup due to backend exiting before pg_backup_stop was called"),
+        "server log:\n{log}"
+    );
+
+    // The server is free to run a new backup.
+    let mut leader = repl(&c).await;
+    let again = start_backup(&mut leader, "after abort").await;
+    assert_ne!(again.backup_id, started.backup_id);
+    stop_backup(&mut leader, &again.label).await;
+}
+
+#[tokio::test]
+async fn corrupted_page_reported_in_trailer() {
+    let c = Cluster::new(Pg::V17);
+    c.psql(
+        "CREATE TABLE victim (a int, b text) WITH (autovacuum_enabled = off);\
+         INSERT INTO victim SELECT g, repeat('z', 100) FROM generate_series(1, 5000) g;\
+         VACUUM FREEZE victim;\
+         CHECKPOINT;",
+    );
+    let rel = c
+        .psql("SELECT pg_relation_filepath('victim')")
+        .trim()
+        .to_string();
+    let path = c.data.join(&rel);
+    let size = fs::metadata(&path).unwrap().len();
+    assert!(size >= 4 * 8192, "victim has {size} bytes");
+
+    // Damage block 2 on disk, in the middle of its tuples. The buffer in shared memory is
+    // clean, so the server never writes the page again; the backup reads the disk.
+    let f = fs::OpenOptions::new().write(true).open(&path).unwrap();
+    f.write_all_at(b"CORRUPTED BY THE TEST", 2 * 8192 + 4000)
+        .unwrap();
+    f.sync_all().unwrap();
+    drop(f);
+
+    let mut leader = repl(&c).await;
+    let started = start_backup(&mut leader, "checksums").await;
+    let mut w = repl(&c).await;
+
+    let got = fetch(
+        &mut w,
+        &started.backup_id,
+        &[
+            (rel.as_str(), None),
+            (rel.as_str(), Some((16384, 8192))),
+            (rel.as_str(), Some((0, 16384))),
+        ],
+        true,
+    )
+    .await;
+    assert_eq!(got[0].failures, 1, "{:?}", got[0].blocks);
+    assert_eq!(got[0].blocks, vec![2]);
+    assert_eq!(got[0].length as u64, size);
+    assert_eq!(got[1].failures, 1);
+    assert_eq!(
+        got[1].blocks,
+        vec![2],
+        "block numbers are relative to the file"
+    );
+    assert_eq!(got[2].failures, 0, "a range without the block");
+    assert_eq!(
+        &got[0].data[2 * 8192 + 4000..2 * 8192 + 4021],
+        b"CORRUPTED BY THE TEST",
+        "the damaged page is still sent"
+    );
+
+    let got = fetch(&mut w, &started.backup_id, &[(rel.as_str(), None)], false).await;
+    assert_eq!(got[0].failures, 0);
+    assert!(got[0].blocks.is_empty());
+
+    stop_backup(&mut leader, &started.label).await;
+}
