@@ -533,6 +533,19 @@ impl Cluster {
 
 impl Drop for Cluster {
     fn drop(&mut self) {
+        if std::thread::panicking() {
+            // Shown with the failed test's output (libtest captures it otherwise).
+            let log = self.server_log();
+            let tail: Vec<&str> = log.lines().rev().take(40).collect();
+            eprintln!(
+                "--- last lines of the server log of {} (port {})",
+                self.data.display(),
+                self.port
+            );
+            for line in tail.iter().rev() {
+                eprintln!("{line}");
+            }
+        }
         if self.running {
             self.pg_ctl_stop("immediate");
         }
