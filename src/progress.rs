@@ -1,49 +1,146 @@
-//! Progress on stderr (`-P`): bytes done of the total, rate and ETA.
+//! Progress on stderr: a bar (`-P`) or one JSON object per line (`--progress=json`), with
+//! bytes done of the total, rate, ETA and active workers. Counters are atomics, so workers
+//! update them without locks; a ticker renders them.
+
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
 
 use indicatif::{ProgressBar, ProgressDrawTarget, ProgressStyle};
 
-/// A progress display, or nothing when disabled.
-pub struct Progress(Option<ProgressBar>);
+/// How progress is shown.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub enum ProgressMode {
+    /// A progress bar on a terminal.
+    Bar,
+    /// One JSON object per line on stderr, for scripts.
+    Json,
+}
+
+struct Inner {
+    mode: Option<ProgressMode>,
+    done: AtomicU64,
+    total: AtomicU64,
+    active: AtomicUsize,
+    started: Instant,
+    bar: Option<ProgressBar>,
+}
+
+/// Shared progress counters and their display.
+#[derive(Clone)]
+pub struct Progress(Arc<Inner>);
 
 impl Progress {
-    /// A bar for `total` bytes (an estimate from the server; it may be exceeded).
-    pub fn new(enabled: bool, total: u64) -> Progress {
-        if !enabled {
-            return Progress(None);
-        }
-        let pb = ProgressBar::with_draw_target(Some(total.max(1)), ProgressDrawTarget::stderr());
-        pb.set_style(
-            ProgressStyle::with_template(
-                "{bar:30} {bytes}/{total_bytes} ({percent}%) {binary_bytes_per_sec} ETA {eta} {msg}",
-            )
-            .expect("valid template"),
-        );
-        Progress(Some(pb))
+    /// A display for `total` bytes (an estimate; it grows if exceeded).
+    pub fn new(mode: Option<ProgressMode>, total: u64) -> Progress {
+        let bar = (mode == Some(ProgressMode::Bar)).then(|| {
+            let pb = ProgressBar::with_draw_target(Some(total.max(1)), ProgressDrawTarget::stderr());
+            pb.set_style(
+                ProgressStyle::with_template(
+                    "{bar:30} {bytes}/{total_bytes} ({percent}%) {binary_bytes_per_sec} ETA {eta} {msg}",
+                )
+                .expect("valid template"),
+            );
+            pb
+        });
+        Progress(Arc::new(Inner {
+            mode,
+            done: AtomicU64::new(0),
+            total: AtomicU64::new(total),
+            active: AtomicUsize::new(0),
+            started: Instant::now(),
+            bar,
+        }))
     }
 
     /// Adds bytes done.
     pub fn add(&self, n: u64) {
-        if let Some(pb) = &self.0 {
-            pb.inc(n);
-            if pb.position() > pb.length().unwrap_or(0) {
-                pb.set_length(pb.position());
-            }
-        }
+        self.0.done.fetch_add(n, Ordering::Relaxed);
     }
 
-    /// Sets the bytes done (from the server's own count).
+    /// Sets bytes done (from a server-side count), never going backwards.
     pub fn set(&self, n: u64) {
-        if let Some(pb) = &self.0 {
-            if n > pb.position() {
-                pb.set_position(n);
-            }
+        self.0.done.fetch_max(n, Ordering::Relaxed);
+    }
+
+    /// Sets the total.
+    pub fn set_total(&self, n: u64) {
+        self.0.total.store(n, Ordering::Relaxed);
+    }
+
+    /// A worker started (+1) or stopped (-1) transferring.
+    pub fn worker_active(&self, on: bool) {
+        if on {
+            self.0.active.fetch_add(1, Ordering::Relaxed);
+        } else {
+            self.0.active.fetch_sub(1, Ordering::Relaxed);
         }
     }
 
-    /// Ends the display.
-    pub fn finish(&self) {
-        if let Some(pb) = &self.0 {
-            pb.finish();
+    /// Bytes done so far.
+    pub fn done(&self) -> u64 {
+        self.0.done.load(Ordering::Relaxed)
+    }
+
+    fn render(&self, last: bool) {
+        let i = &self.0;
+        let done = i.done.load(Ordering::Relaxed);
+        let total = i.total.load(Ordering::Relaxed).max(done);
+        let active = i.active.load(Ordering::Relaxed);
+        let secs = i.started.elapsed().as_secs_f64().max(1e-3);
+        let rate = done as f64 / secs;
+        match i.mode {
+            Some(ProgressMode::Bar) => {
+                if let Some(pb) = &i.bar {
+                    pb.set_length(total.max(1));
+                    pb.set_position(done);
+                    pb.set_message(format!("{active} active"));
+                    if last {
+                        pb.finish();
+                    }
+                }
+            }
+            Some(ProgressMode::Json) => {
+                let eta = if rate > 0.0 {
+                    (total - done) as f64 / rate
+                } else {
+                    0.0
+                };
+                eprintln!(
+                    "{}",
+                    serde_json::json!({
+                        "bytes_done": done,
+                        "bytes_total": total,
+                        "percent": if total > 0 { (done as f64 * 100.0 / total as f64 * 10.0).round() / 10.0 } else { 100.0 },
+                        "mb_per_s": (rate / 1_048_576.0 * 10.0).round() / 10.0,
+                        "eta_s": eta.round(),
+                        "active_workers": active,
+                        "done": last,
+                    })
+                );
+            }
+            None => {}
         }
+    }
+
+    /// Starts rendering periodically until the returned handle is aborted.
+    pub fn spawn_ticker(&self) -> Option<tokio::task::JoinHandle<()>> {
+        let every = match self.0.mode? {
+            ProgressMode::Bar => Duration::from_millis(200),
+            ProgressMode::Json => Duration::from_secs(1),
+        };
+        let me = self.clone();
+        Some(tokio::spawn(async move {
+            let mut t = tokio::time::interval(every);
+            loop {
+                t.tick().await;
+                me.render(false);
+            }
+        }))
+    }
+
+    /// Renders the final state.
+    pub fn finish(&self) {
+        self.render(true);
     }
 }

@@ -28,8 +28,6 @@ pub struct SinkStats {
     pub bytes: u64,
     /// Whether a manifest arrived (written to `backup_manifest.tmp`).
     pub manifest: bool,
-    /// Directories created outside the backup directory (tablespaces), for cleanup and sync.
-    pub tablespace_dirs: Vec<PathBuf>,
 }
 
 /// Consumes the BASE_BACKUP stream and extracts it into a plain-format directory.

@@ -180,19 +180,22 @@ impl PlainExtractor {
     }
 
     /// A new archive: the data directory when `tablespace_path` is empty, else the mapped
-    /// tablespace directory, which must be empty or absent.
+    /// tablespace directory (prepared, and checked empty, by the caller).
     pub fn begin_archive(&mut self, tablespace_path: &str) -> Result<()> {
         self.dest = if tablespace_path.is_empty() {
             self.root.clone()
         } else {
             let d = self.map.map(Path::new(tablespace_path));
-            prepare_empty_dir(&d, "tablespace directory").map_err(|e| match e {
-                Error::Usage(m) => Error::Failed(format!(
-                    "{m} (map the tablespace elsewhere with -T {tablespace_path}=NEWDIR)"
-                )),
-                other => other,
-            })?;
-            self.stats.tablespace_dirs.push(d.clone());
+            fs::DirBuilder::new()
+                .recursive(true)
+                .mode(0o700)
+                .create(&d)
+                .map_err(|e| {
+                    Error::io(
+                        format!("could not create tablespace directory \"{}\"", d.display()),
+                        e,
+                    )
+                })?;
             d
         };
         Ok(())

@@ -4,6 +4,8 @@
 //! doubling for strings, `"…"` with `""` for identifiers; no `E''`) and turns their result
 //! rows into structs. It does not own sockets or files.
 
+pub mod parallel;
+
 use crate::conn::{Connection, ResultSet};
 use crate::error::{Error, Result};
 use crate::lsn::Lsn;
