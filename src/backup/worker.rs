@@ -331,7 +331,16 @@ async fn work(id: usize, cfg: &ConnConfig, shared: &Shared, writer: &Writer) -> 
         let res = fetch_unit(c, shared, &unit, writer).await;
         shared.progress.worker_active(false);
         match res {
-            Ok(()) => {}
+            Ok(()) => {
+                if tracing::enabled!(tracing::Level::DEBUG) {
+                    let what: Vec<String> = unit
+                        .ranges
+                        .iter()
+                        .map(|r| format!("{}@{}+{}", shared.files[r.file].path, r.offset, r.length))
+                        .collect();
+                    tracing::debug!("worker {id} fetched {}", what.join(" "));
+                }
+            }
             Err((e, done)) if retryable(&e) && retries < MAX_RETRIES => {
                 retries += 1;
                 let rest = WorkUnit {

@@ -22,7 +22,7 @@ fn backup(c: &Cluster, target: &Path, extra: &[&str]) -> Out {
 }
 
 /// Tables beyond pgbench's: a TOAST-ed column, an index, a second database.
-fn load_extras(c: &Cluster) {
+pub(crate) fn load_extras(c: &Cluster) {
     c.psql(
         "CREATE TABLE toasty (id int PRIMARY KEY, big text);
          ALTER TABLE toasty ALTER COLUMN big SET STORAGE EXTERNAL;
@@ -44,7 +44,7 @@ fn load_extras(c: &Cluster) {
 }
 
 /// Row counts, sums and digests a restored copy must reproduce exactly.
-fn snapshot(c: &Cluster) -> String {
+pub(crate) fn snapshot(c: &Cluster) -> String {
     let mut s = c.psql(
         "SELECT 'accounts', count(*), sum(abalance), sum(aid), sum(bid) FROM pgbench_accounts;
          SELECT 'tellers', count(*), sum(tbalance) FROM pgbench_tellers;
@@ -61,7 +61,7 @@ fn snapshot(c: &Cluster) -> String {
 }
 
 /// `pg_amcheck` over every database of `c` finds nothing.
-fn amcheck(c: &Cluster) {
+pub(crate) fn amcheck(c: &Cluster) {
     run_ok(
         Command::new(c.bindir.join("pg_amcheck"))
             .arg("-h")
@@ -105,7 +105,7 @@ fn manifest_totals(backup: &Path) -> (u64, u64) {
 /// Assert a completed backup is a whole, verified backup of `c` and return the copy started
 /// from it.
 #[track_caller]
-fn assert_backup_restores(c: &Cluster, target: &Path, out: &Out) -> Cluster {
+pub(crate) fn assert_backup_restores(c: &Cluster, target: &Path, out: &Out) -> Cluster {
     out.assert_success();
     assert!(
         target.join("backup_manifest").is_file(),
@@ -169,7 +169,7 @@ fn stream_backup_of_patched_pg17_verifies_and_restores_same_data() {
 }
 
 /// A pgbench run in the background until dropped.
-struct Load(Child);
+pub(crate) struct Load(pub(crate) Child);
 
 impl Drop for Load {
     fn drop(&mut self) {

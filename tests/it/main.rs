@@ -15,3 +15,5 @@ mod auth;
 mod backup_stream;
 mod cli;
 mod fixture;
+mod parallel;
+mod patch;
