@@ -23,8 +23,10 @@ build:
 deps:
 	@bash tests/scripts/deps.sh
 
+# PostgreSQL's own makefiles generate headers only when MAKELEVEL is 0: run its build as a
+# top-level make, or a parallel build fails at random on a missing utils/errcodes.h.
 postgres: deps
-	@bash pg-patches/build.sh build
+	@env -u MAKELEVEL -u MAKEFLAGS -u MFLAGS bash pg-patches/build.sh build
 
 pg-bindir:
 	@bash pg-patches/build.sh bindir
