@@ -14,9 +14,12 @@
 #   pg17/<version>-<hash>/      build tree (build/) and installation (install/)
 #   pg17/by-patch/<hash>        pointer: the install prefix built for that patch hash
 #
-# The cache key is the source version plus the sha256 of the patch files, so a
-# changed patch or a new Debian minor gives a new build directory, and an
-# unchanged one is found without the network.
+# The cache key is the source version plus the sha256 of the patch files (and
+# of the configure flags), so a changed patch or a new Debian minor gives a new
+# build directory, and an unchanged one is found without the network.
+#
+# --with-openssl is there because the test fixture runs every server with
+# ssl = on (the TLS authentication tests need it).
 set -euo pipefail
 
 here=$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)
@@ -25,6 +28,9 @@ CACHE="${PGPAR_CACHE:-$HOME/.cache/pgpar}"
 PGROOT="$CACHE/pg17"
 APTDIR="$CACHE/apt-trixie"
 JOBS="${PGPAR_MAKE_JOBS:-3}"
+# Part of the cache key: a change here gives a new build directory.
+CONFIGURE_FLAGS="--without-icu --with-lz4 --with-zstd --with-openssl"
+BUILD_DEPS="bison flex liblz4-dev libzstd-dev libreadline-dev zlib1g-dev libssl-dev make gcc patch pkg-config"
 
 log() { echo "pg-patches/build.sh: $*" >&2; }
 die() { echo "pg-patches/build.sh: error: $*" >&2; exit 1; }
@@ -37,6 +43,7 @@ patch_files() {
 patch_hash() {
     local f
     {
+        printf 'configure: %s\n' "$CONFIGURE_FLAGS"
         while IFS= read -r f; do
             printf '%s\n' "$(basename "$f")"
             sha256sum < "$f" | cut -d' ' -f1
@@ -56,7 +63,7 @@ pointer_prefix() {
 
 install_deps() {
     local missing=() p
-    for p in bison flex liblz4-dev libzstd-dev libreadline-dev zlib1g-dev make gcc patch pkg-config; do
+    for p in $BUILD_DEPS; do
         dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q 'install ok installed' || missing+=("$p")
     done
     [ ${#missing[@]} -eq 0 ] && return 0
@@ -142,6 +149,17 @@ cmd_build() {
         return 0
     fi
     [ -n "$(patch_files)" ] || die "no patches in $PATCHDIR"
+    # One build at a time per cache: a second caller waits, then finds it done.
+    mkdir -p "$PGROOT"
+    exec 9>"$PGROOT/.build.lock"
+    if ! flock -n 9; then
+        log "waiting for another build in $PGROOT"
+        flock 9
+    fi
+    if prefix=$(pointer_prefix); then
+        log "up to date: $prefix (patch hash $(patch_hash))"
+        return 0
+    fi
     install_deps
     local ver hash key work tree
     ver=$(fetch_source)
@@ -156,7 +174,7 @@ cmd_build() {
         cp -a "$tree" "$work/build"
         apply_series "$work/build"
         log "configuring $key"
-        (cd "$work/build" && ./configure --prefix="$prefix" --without-icu --with-lz4 --with-zstd \
+        (cd "$work/build" && ./configure --prefix="$prefix" $CONFIGURE_FLAGS \
             >"$work/configure.log" 2>&1) || { tail -30 "$work/configure.log" >&2; die "configure failed (log: $work/configure.log)"; }
         log "building with make -j$JOBS"
         (cd "$work/build" && make -j"$JOBS" -s >"$work/make.log" 2>&1) \
