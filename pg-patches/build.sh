@@ -32,6 +32,10 @@ JOBS="${PGPAR_MAKE_JOBS:-3}"
 CONFIGURE_FLAGS="--without-icu --with-lz4 --with-zstd --with-openssl"
 BUILD_DEPS="bison flex liblz4-dev libzstd-dev libreadline-dev zlib1g-dev libssl-dev make gcc patch pkg-config"
 
+# PostgreSQL's makefiles generate headers (utils/errcodes.h …) only in a
+# top-level make: when called from another make, build as if we were one.
+unset MAKELEVEL MAKEFLAGS MFLAGS
+
 log() { echo "pg-patches/build.sh: $*" >&2; }
 die() { echo "pg-patches/build.sh: error: $*" >&2; exit 1; }
 
