@@ -649,3 +649,82 @@ fn page_checksum_failure_fails_the_backup_unless_told_not_to_verify() {
     out.assert_success();
     c.pg_verifybackup(&target);
 }
+
+#[test]
+fn write_recovery_conf_makes_a_streaming_standby() {
+    let c = Cluster::new(Pg::V15);
+    c.psql("CREATE TABLE t AS SELECT generate_series(1, 100) g;");
+    let dir = scratch_dir();
+    let target = dir.path().join("standby");
+    let out = backup(
+        &c,
+        &target,
+        &["--method", "stream", "-R", "-S", "pgpar_standby", "-C"],
+    );
+    out.assert_success();
+    assert!(target.join("standby.signal").is_file(), "no standby.signal");
+    let auto = fs::read_to_string(target.join("postgresql.auto.conf")).unwrap();
+    assert!(
+        auto.contains("primary_conninfo") && auto.contains("primary_slot_name = 'pgpar_standby'"),
+        "recovery settings missing from postgresql.auto.conf:\n{auto}"
+    );
+    let slot = "SELECT count(*) FROM pg_replication_slots WHERE slot_name = 'pgpar_standby' \
+                AND slot_type = 'physical';";
+    assert_eq!(c.psql(slot).trim(), "1", "-C did not create the slot");
+    c.pg_verifybackup(&target);
+
+    let standby = c.start_backup_copy(&target);
+    assert_eq!(standby.psql("SELECT pg_is_in_recovery();").trim(), "t");
+    // It follows the source: a row written there arrives.
+    c.psql("INSERT INTO t VALUES (101);");
+    let deadline = Instant::now() + Duration::from_secs(60);
+    while standby.psql("SELECT count(*) FROM t;").trim() != "101" {
+        assert!(
+            Instant::now() < deadline,
+            "the standby does not replay the source's new rows"
+        );
+        std::thread::sleep(Duration::from_millis(200));
+    }
+    let active =
+        c.psql("SELECT active FROM pg_replication_slots WHERE slot_name = 'pgpar_standby';");
+    assert_eq!(
+        active.trim(),
+        "t",
+        "the standby does not stream through the slot"
+    );
+}
+
+#[test]
+fn progress_json_ends_with_everything_done() {
+    let c = Cluster::new(Pg::V15);
+    c.pgbench_init(1);
+    let dir = scratch_dir();
+    let target = dir.path().join("backup");
+    let out = backup(&c, &target, &["--method", "stream", "--progress=json"]);
+    out.assert_success();
+    let reports: Vec<serde_json::Value> = out
+        .stderr
+        .lines()
+        .filter(|l| !l.starts_with("pgpar: "))
+        .map(|l| {
+            serde_json::from_str(l)
+                .unwrap_or_else(|e| panic!("progress line {l:?} is not JSON ({e}):\n{out}"))
+        })
+        .collect();
+    let last = reports
+        .last()
+        .unwrap_or_else(|| panic!("no progress lines:\n{out}"));
+    assert_eq!(last["done"].as_bool(), Some(true), "{out}");
+    let total = last["bytes_total"].as_u64().unwrap_or(0);
+    assert!(total > 10_000_000, "bytes_total {total}:\n{out}");
+    assert_eq!(last["bytes_done"].as_u64(), Some(total), "{out}");
+    assert_eq!(last["percent"].as_f64(), Some(100.0), "{out}");
+    assert_eq!(
+        reports
+            .iter()
+            .filter(|r| r["done"].as_bool() == Some(true))
+            .count(),
+        1,
+        "more than one final progress report:\n{out}"
+    );
+}
