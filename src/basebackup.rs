@@ -72,8 +72,7 @@ pub fn parse(mut b: Bytes) -> Result<StreamMessage> {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::conn::codec::{decode, tests::msg, BackendMessage, DEFAULT_MAX_MESSAGE};
-    use bytes::BytesMut;
+    use crate::conn::codec::tests::{copy_payloads, decode_in_chunks, msg};
     use proptest::prelude::*;
 
     fn stream() -> (Vec<u8>, Vec<StreamMessage>) {
@@ -121,20 +120,10 @@ mod tests {
         #[test]
         fn stream_survives_any_read_boundaries(cuts in proptest::collection::vec(1usize..100, 1..50)) {
             let (wire, want) = stream();
-            let mut buf = BytesMut::new();
-            let mut got = Vec::new();
-            let (mut pos, mut i) = (0, 0);
-            while pos < wire.len() {
-                let n = cuts[i % cuts.len()].min(wire.len() - pos);
-                buf.extend_from_slice(&wire[pos..pos + n]);
-                pos += n;
-                i += 1;
-                while let Some(m) = decode(&mut buf, DEFAULT_MAX_MESSAGE).unwrap() {
-                    if let BackendMessage::CopyData(d) = m {
-                        got.push(parse(d).unwrap());
-                    }
-                }
-            }
+            let got: Vec<StreamMessage> = copy_payloads(decode_in_chunks(&wire, &cuts))
+                .into_iter()
+                .map(|d| parse(d).unwrap())
+                .collect();
             prop_assert_eq!(got, want);
         }
     }

@@ -7,8 +7,9 @@ use sha2::{Digest, Sha256};
 
 use crate::lsn::Lsn;
 
-/// Per-file checksum algorithms, as the manifest names them.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+/// Per-file checksum algorithms, as the manifest (and `--manifest-checksums`) names them.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+#[value(rename_all = "UPPER")]
 pub enum ChecksumKind {
     /// No checksum.
     None,

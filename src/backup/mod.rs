@@ -23,6 +23,7 @@ use crate::conninfo::ConnConfig;
 use crate::durable;
 use crate::error::{Error, Result};
 use crate::lsn::Lsn;
+use crate::manifest::ChecksumKind;
 use crate::progress::ProgressMode;
 use crate::replication::{self, SystemInfo};
 use crate::sink::plain::{prepare_empty_dir, TablespaceMap};
@@ -46,33 +47,6 @@ pub enum Method {
     Stream,
     /// START_BACKUP / SEND_FILES_CONTENT over --jobs connections (patched servers).
     Parallel,
-}
-
-/// Manifest checksum algorithms, as the server names them.
-#[derive(Debug, Clone, Copy, ValueEnum, PartialEq, Eq)]
-#[value(rename_all = "UPPER")]
-#[allow(missing_docs)]
-pub enum ManifestChecksums {
-    None,
-    Crc32c,
-    Sha224,
-    Sha256,
-    Sha384,
-    Sha512,
-}
-
-impl ManifestChecksums {
-    fn kind(self) -> crate::manifest::ChecksumKind {
-        use crate::manifest::ChecksumKind as K;
-        match self {
-            ManifestChecksums::None => K::None,
-            ManifestChecksums::Crc32c => K::Crc32c,
-            ManifestChecksums::Sha224 => K::Sha224,
-            ManifestChecksums::Sha256 => K::Sha256,
-            ManifestChecksums::Sha384 => K::Sha384,
-            ManifestChecksums::Sha512 => K::Sha512,
-        }
-    }
 }
 
 /// Options of `pgpar backup`, named as pg_basebackup names them.
@@ -113,7 +87,7 @@ pub struct BackupArgs {
     pub progress: Option<ProgressMode>,
     /// Checksum algorithm for files in the manifest.
     #[arg(long, value_enum, default_value = "CRC32C")]
-    pub manifest_checksums: ManifestChecksums,
+    pub manifest_checksums: ChecksumKind,
     /// Relocate the tablespace in OLDDIR to NEWDIR (repeatable).
     #[arg(short = 'T', long = "tablespace-mapping", value_name = "OLDDIR=NEWDIR")]
     pub tablespace_mapping: Vec<String>,

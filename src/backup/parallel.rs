@@ -128,7 +128,7 @@ pub(crate) async fn run(
         .duration_since(std::time::UNIX_EPOCH)
         .map(|d| d.as_secs() as i64)
         .unwrap_or(0);
-    let kind = args.manifest_checksums.kind();
+    let kind = args.manifest_checksums;
     let mut mb = ManifestBuilder::new(
         (ctx.version >= 170000).then_some(ctx.sys.system_identifier),
         kind,

@@ -66,10 +66,7 @@ fn command(ctx: &Ctx<'_>) -> String {
         ),
         "WAIT false".to_string(),
         "MANIFEST 'yes'".to_string(),
-        format!(
-            "MANIFEST_CHECKSUMS '{}'",
-            a.manifest_checksums.kind().name()
-        ),
+        format!("MANIFEST_CHECKSUMS '{}'", a.manifest_checksums.name()),
     ];
     if a.no_verify_checksums {
         opts.push("VERIFY_CHECKSUMS false".into());

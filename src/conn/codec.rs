@@ -238,6 +238,35 @@ pub(crate) mod tests {
     use bytes::BufMut;
     use proptest::prelude::*;
 
+    /// Feeds `wire` to the decoder in chunks of the given sizes (cycled), as reads from a
+    /// socket would arrive, and returns every message decoded.
+    pub(crate) fn decode_in_chunks(wire: &[u8], cuts: &[usize]) -> Vec<BackendMessage> {
+        let mut buf = BytesMut::new();
+        let mut got = Vec::new();
+        let (mut pos, mut i) = (0, 0);
+        while pos < wire.len() {
+            let n = cuts[i % cuts.len()].min(wire.len() - pos);
+            buf.extend_from_slice(&wire[pos..pos + n]);
+            pos += n;
+            i += 1;
+            while let Some(m) = decode(&mut buf, DEFAULT_MAX_MESSAGE).unwrap() {
+                got.push(m);
+            }
+        }
+        assert!(buf.is_empty(), "{} bytes left undecoded", buf.len());
+        got
+    }
+
+    /// The CopyData payloads among decoded messages.
+    pub(crate) fn copy_payloads(msgs: Vec<BackendMessage>) -> Vec<Bytes> {
+        msgs.into_iter()
+            .filter_map(|m| match m {
+                BackendMessage::CopyData(d) => Some(d),
+                _ => None,
+            })
+            .collect()
+    }
+
     pub(crate) fn msg(tag: u8, body: &[u8]) -> Vec<u8> {
         let mut v = vec![tag];
         v.extend_from_slice(&((body.len() + 4) as u32).to_be_bytes());
@@ -322,21 +351,7 @@ pub(crate) mod tests {
         #[test]
         fn decodes_the_same_whatever_the_read_boundaries(cuts in proptest::collection::vec(1usize..64, 1..40)) {
             let (stream, want) = sample_stream();
-            let mut buf = BytesMut::new();
-            let mut got = Vec::new();
-            let mut pos = 0;
-            let mut i = 0;
-            while pos < stream.len() {
-                let n = cuts[i % cuts.len()].min(stream.len() - pos);
-                buf.extend_from_slice(&stream[pos..pos + n]);
-                pos += n;
-                i += 1;
-                while let Some(m) = decode(&mut buf, DEFAULT_MAX_MESSAGE).unwrap() {
-                    got.push(m);
-                }
-            }
-            prop_assert_eq!(got, want);
-            prop_assert!(buf.is_empty());
+            prop_assert_eq!(decode_in_chunks(&stream, &cuts), want);
         }
     }
 

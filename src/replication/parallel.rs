@@ -241,7 +241,7 @@ pub async fn stop_backup(c: &mut Connection, backup_label: &str) -> Result<(Lsn,
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::conn::codec::{decode, tests::msg, BackendMessage, DEFAULT_MAX_MESSAGE};
+    use crate::conn::codec::tests::{copy_payloads, decode_in_chunks, msg};
     use bytes::{BufMut, BytesMut};
     use proptest::prelude::*;
 
@@ -299,20 +299,10 @@ mod tests {
                 ContentMessage::Header { offset: 8192, length: None, path: Bytes::from_static(b"gone") },
                 ContentMessage::Trailer { bytes_sent: 0, failures: 0, blocks: vec![] },
             ];
-            let mut buf = BytesMut::new();
-            let mut got = Vec::new();
-            let (mut pos, mut i) = (0, 0);
-            while pos < wire.len() {
-                let n = cuts[i % cuts.len()].min(wire.len() - pos);
-                buf.extend_from_slice(&wire[pos..pos + n]);
-                pos += n;
-                i += 1;
-                while let Some(m) = decode(&mut buf, DEFAULT_MAX_MESSAGE).unwrap() {
-                    if let BackendMessage::CopyData(d) = m {
-                        got.push(parse_content(d).unwrap());
-                    }
-                }
-            }
+            let got: Vec<ContentMessage> = copy_payloads(decode_in_chunks(&wire, &cuts))
+                .into_iter()
+                .map(|d| parse_content(d).unwrap())
+                .collect();
             prop_assert_eq!(got, want);
         }
     }

@@ -437,6 +437,8 @@ fn too_few_wal_senders_is_reported_before_any_work() {
 }
 
 #[test]
+// The child is reaped with wait4(2), which std cannot do, to read its peak RSS.
+#[allow(clippy::zombie_processes)]
 fn peak_memory_stays_bounded_at_8_jobs() {
     let c = Cluster::new(Pg::V17);
     c.pgbench_init(15);
