@@ -728,3 +728,32 @@ fn progress_json_ends_with_everything_done() {
         "more than one final progress report:\n{out}"
     );
 }
+
+#[test]
+fn stream_backup_of_a_standby_restores() {
+    let c = Cluster::new(Pg::V15);
+    c.pgbench_init(1);
+    let dir = scratch_dir();
+    let standby_dir = dir.path().join("standby");
+    backup(&c, &standby_dir, &["--method", "stream", "-R"]).assert_success();
+    let standby = c.start_backup_copy(&standby_dir);
+    c.psql("CREATE TABLE after_standby AS SELECT generate_series(1, 500) g;");
+    let deadline = Instant::now() + Duration::from_secs(60);
+    while standby
+        .psql("SELECT count(*) FROM pg_class WHERE relname = 'after_standby';")
+        .trim()
+        != "1"
+    {
+        assert!(Instant::now() < deadline, "the standby does not replay");
+        std::thread::sleep(Duration::from_millis(200));
+    }
+
+    // Back up the standby itself, as one does to spare a busy primary.
+    let target = dir.path().join("from-standby");
+    let out = backup(&standby, &target, &["--method", "stream"]);
+    let copy = assert_backup_restores(&standby, &target, &out);
+    let query = "SELECT count(*), sum(g) FROM after_standby;";
+    assert_eq!(copy.psql(query), c.psql(query));
+    let accounts = "SELECT count(*), sum(abalance) FROM pgbench_accounts;";
+    assert_eq!(copy.psql(accounts), c.psql(accounts));
+}
