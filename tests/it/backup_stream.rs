@@ -757,3 +757,73 @@ fn stream_backup_of_a_standby_restores() {
     let accounts = "SELECT count(*), sum(abalance) FROM pgbench_accounts;";
     assert_eq!(copy.psql(accounts), c.psql(accounts));
 }
+
+/// Start a throttled backup of `c` into `target`, wait until it has written files, then send
+/// it `signal`; returns what it did.
+fn interrupt_backup(c: &Cluster, target: &Path, signal: libc::c_int) -> Out {
+    let mut cmd = pgpar();
+    cmd.args([
+        "backup", "-c", "fast", "--method", "stream", "-r", "1M", "-D",
+    ])
+    .arg(target)
+    .args(["-d", &c.conninfo("trust_user")])
+    .stdout(Stdio::piped())
+    .stderr(Stdio::piped());
+    let cmdline = format!("{cmd:?} (then signal {signal})");
+    let started = Instant::now();
+    let child = cmd.spawn().expect("start pgpar");
+    let deadline = Instant::now() + Duration::from_secs(60);
+    while !target.join("base").is_dir() || walk(&target.join("base")).len() < 10 {
+        assert!(
+            Instant::now() < deadline,
+            "the backup wrote nothing in 60 s"
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    // SAFETY: kill(2) on our own child's pid; no memory is involved.
+    let rc = unsafe { libc::kill(child.id() as libc::pid_t, signal) };
+    assert_eq!(rc, 0, "kill failed");
+    let output = child.wait_with_output().unwrap();
+    Out {
+        cmdline,
+        code: output.status.code(),
+        stdout: String::from_utf8_lossy(&output.stdout).into_owned(),
+        stderr: String::from_utf8_lossy(&output.stderr).into_owned(),
+        seconds: started.elapsed().as_secs_f64(),
+    }
+}
+
+#[test]
+fn interrupted_backup_never_looks_finished() {
+    let c = Cluster::new(Pg::V15);
+    c.pgbench_init(3);
+    let dir = scratch_dir();
+
+    // Ctrl-C: pgpar stops, says so, and removes what it wrote.
+    let target = dir.path().join("sigint");
+    let out = interrupt_backup(&c, &target, libc::SIGINT);
+    out.assert_error(1);
+    assert!(
+        out.error_message().contains("interrupted"),
+        "the error does not say the backup was interrupted:\n{out}"
+    );
+    assert!(
+        !target.exists(),
+        "an interrupted backup was left behind:\n{out}"
+    );
+    assert_server_clean(&c);
+
+    // SIGTERM (a scheduler's timeout): whatever is left must not look finished.
+    let target = dir.path().join("sigterm");
+    let out = interrupt_backup(&c, &target, libc::SIGTERM);
+    assert_ne!(
+        out.code,
+        Some(0),
+        "a terminated backup reported success:\n{out}"
+    );
+    assert!(
+        !target.join("backup_manifest").exists(),
+        "a terminated backup has a backup_manifest:\n{out}"
+    );
+    assert_server_clean(&c);
+}
