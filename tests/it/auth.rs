@@ -431,3 +431,28 @@ fn check_takes_connection_settings_from_the_environment() {
         .env("PGUSER", "nobody_here"));
     assert_checked(&c, &out);
 }
+
+#[test]
+fn check_tls_default_prefer_and_verify_ca() {
+    let c = Cluster::new(Pg::V15);
+    let pw = password("ssl_user");
+    // No sslmode: libpq's default, prefer, encrypts when the server can (ssl_user needs it).
+    assert_checked(&c, &check(&c.conninfo("ssl_user"), Some(&pw)));
+    // verify-ca checks the chain, not the name: a wrong host name is fine ...
+    let verify_ca = format!(
+        "host=wronghost hostaddr=127.0.0.1 port={} user=ssl_user sslmode=verify-ca sslrootcert={}",
+        c.port,
+        c.ca_cert.display()
+    );
+    assert_checked(&c, &check(&verify_ca, Some(&pw)));
+    // ... but a CA that did not sign the certificate is not.
+    let foreign = Cluster::new(Pg::V15);
+    let wrong_ca = format!(
+        "host=localhost hostaddr=127.0.0.1 port={} user=ssl_user sslmode=verify-ca sslrootcert={}",
+        foreign.port,
+        c.ca_cert.display()
+    );
+    let out = check(&wrong_ca, Some(&pw));
+    out.assert_error(3);
+    assert_hides_all(&out);
+}

@@ -418,8 +418,9 @@ fn stream_backup_maps_tablespaces() {
     let old_contents = walk(&old);
 
     let dir = scratch_dir();
-    let target = dir.path().join("backup");
-    let new = dir.path().join("ts-new");
+    // Spaces in both paths: they reach the server, the tar stream and the symlink intact.
+    let target = dir.path().join("backup dir");
+    let new = dir.path().join("ts new");
     let mapping = format!("{}={}", old.display(), new.display());
     let out = backup(&c, &target, &["-T", &mapping]);
     out.assert_success();
