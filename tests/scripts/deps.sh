@@ -15,8 +15,10 @@ set -euo pipefail
 #   procps                               ps/pgrep, to look at the test servers when debugging
 #   make                                 `make test` / `make demo` themselves
 #   python3                              demo.sh picks free ports with it
+#   bzip2, xz-utils                      tar needs them to unpack the PostgreSQL 17 source package
+#                                        (pg-patches/build.sh); minimal images lack them
 #   ca-certificates                      apt over https mirrors on minimal images
-PACKAGES=(postgresql-15 postgresql-client-15 openssl procps make python3 ca-certificates)
+PACKAGES=(postgresql-15 postgresql-client-15 openssl procps make python3 bzip2 xz-utils ca-certificates)
 
 missing=()
 for pkg in "${PACKAGES[@]}"; do
