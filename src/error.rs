@@ -78,6 +78,10 @@ pub enum Error {
         #[source]
         source: io::Error,
     },
+    /// Data pages failed checksum verification on the server: the copy is complete but the
+    /// source is damaged, so the files are kept without a manifest (as pg_basebackup does).
+    #[error("{0}")]
+    DataChecksums(String),
     /// Anything else that makes the backup impossible, already phrased for the user.
     #[error("{0}")]
     Failed(String),

@@ -59,6 +59,38 @@ pub struct Conn {
     help: Option<bool>,
 }
 
+/// Log lines look like every other line pgpar writes to stderr: `pgpar: warning: …`.
+struct LineFormat;
+
+impl<S, N> tracing_subscriber::fmt::FormatEvent<S, N> for LineFormat
+where
+    S: tracing::Subscriber + for<'a> tracing_subscriber::registry::LookupSpan<'a>,
+    N: for<'a> tracing_subscriber::fmt::FormatFields<'a> + 'static,
+{
+    fn format_event(
+        &self,
+        ctx: &tracing_subscriber::fmt::FmtContext<'_, S, N>,
+        mut w: tracing_subscriber::fmt::format::Writer<'_>,
+        event: &tracing::Event<'_>,
+    ) -> std::fmt::Result {
+        let level = match *event.metadata().level() {
+            tracing::Level::ERROR => "error",
+            tracing::Level::WARN => "warning",
+            tracing::Level::INFO => "info",
+            tracing::Level::DEBUG => "debug",
+            tracing::Level::TRACE => "trace",
+        };
+        let from_server = event.metadata().target() == "pgpar::server";
+        write!(
+            w,
+            "pgpar: {level}: {}",
+            if from_server { "server: " } else { "" }
+        )?;
+        ctx.field_format().format_fields(w.by_ref(), event)?;
+        writeln!(w)
+    }
+}
+
 fn resolve(c: &Conn) -> pgpar::Result<ConnConfig> {
     ConnConfig::resolve(
         &ConnArgs {
@@ -83,8 +115,7 @@ fn main() -> ExitCode {
     tracing_subscriber::fmt()
         .with_env_filter(filter)
         .with_writer(std::io::stderr)
-        .with_target(false)
-        .without_time()
+        .event_format(LineFormat)
         .init();
     let rt = match tokio::runtime::Builder::new_multi_thread()
         .enable_all()

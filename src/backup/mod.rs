@@ -148,8 +148,6 @@ pub struct Summary {
     pub wal_segments: usize,
     /// Worker connections used (1 for the stream method).
     pub jobs: usize,
-    /// Data pages that failed checksum verification on the server.
-    pub checksum_failures: u64,
 }
 
 /// Checked options and what everything shares during one backup.
@@ -350,23 +348,18 @@ pub async fn run(cfg: &ConnConfig, args: &BackupArgs) -> Result<()> {
                     summary.stop_lsn
                 );
             }
-            if summary.checksum_failures > 0 {
-                // The backup is complete and kept; the source has corrupt pages.
-                return Err(Error::Failed(format!(
-                    "{} data page(s) failed checksum verification on the server (listed above); the backup in \"{}\" is complete, but check the source cluster",
-                    summary.checksum_failures, summary.backup_dir
-                )));
-            }
             Ok(())
         }
         Err(e) => {
-            if args.no_clean {
+            let corrupt = matches!(e, Error::DataChecksums(_));
+            if args.no_clean || corrupt {
                 // Never leave something that looks finished.
                 let _ = std::fs::remove_file(checked.dir.join("backup_manifest"));
                 let _ = std::fs::remove_file(checked.dir.join("backup_manifest.tmp"));
                 eprintln!(
-                    "pgpar: --no-clean: keeping the incomplete backup in \"{}\" (no backup_manifest: not a usable backup)",
-                    checked.dir.display()
+                    "pgpar: keeping the files in \"{}\" for inspection{} (no backup_manifest: not a usable backup)",
+                    checked.dir.display(),
+                    if corrupt { "" } else { " (--no-clean)" }
                 );
             } else {
                 cleanup.remove_files();
@@ -466,7 +459,15 @@ async fn backup(
     let wal = WalSlot::prepare(&ctx, cleanup).await?;
     match method {
         Method::Parallel => parallel::run(&ctx, main, wal, cleanup).await,
-        _ => stream::run(&ctx, main, wal, cleanup).await,
+        _ => stream::run(&ctx, main, wal, cleanup).await.map_err(|e| {
+            if e.sqlstate() == Some("XX001") {
+                Error::DataChecksums(format!(
+                    "{e}; the server's log lists the pages (use --no-verify-checksums to take the backup anyway)"
+                ))
+            } else {
+                e
+            }
+        }),
     }
 }
 

@@ -182,12 +182,26 @@ pub(crate) async fn run(
         t.stop_tli,
         &history,
     );
-    finalize(ctx, t.ts_dirs.clone(), Some(mb.finish(&ranges))).await?;
     if !failures.is_empty() {
+        // Complete and durable, but the source is damaged: no manifest, as pg_basebackup.
         for f in &failures {
             eprintln!("pgpar: warning: data checksum verification failed in {f}");
         }
+        let pages: u64 = t.results.iter().map(|r| r.failures as u64).sum();
+        if !args.no_sync {
+            let mut roots = vec![ctx.dir.clone()];
+            roots.extend(t.ts_dirs.iter().cloned());
+            tokio::task::spawn_blocking(move || crate::durable::sync_trees(&roots, 8))
+                .await
+                .map_err(|e| Error::Failed(format!("sync task failed: {e}")))??;
+        }
+        return Err(Error::DataChecksums(format!(
+            "{pages} data page(s) in {} file(s) failed checksum verification on the server (listed above); \
+             the source cluster is damaged (use --no-verify-checksums to take the backup anyway)",
+            failures.len()
+        )));
     }
+    finalize(ctx, t.ts_dirs.clone(), Some(mb.finish(&ranges))).await?;
     Ok(Summary {
         method: "parallel",
         backup_dir: ctx.dir.display().to_string(),
@@ -200,7 +214,6 @@ pub(crate) async fn run(
         timeline: t.stop_tli,
         wal_segments: walres.segments.len(),
         jobs: args.jobs,
-        checksum_failures: t.results.iter().map(|r| r.failures as u64).sum(),
     })
 }
 

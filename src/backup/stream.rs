@@ -191,6 +191,5 @@ pub(crate) async fn run(
         timeline,
         wal_segments: walres.segments.len(),
         jobs: 1,
-        checksum_failures: 0,
     })
 }

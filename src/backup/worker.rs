@@ -351,10 +351,6 @@ async fn work(id: usize, cfg: &ConnConfig, shared: &Shared, writer: &Writer) -> 
                     "worker {id}: {e}; fetching its {} unfinished file(s) again on a new connection (retry {retries} of {MAX_RETRIES})",
                     rest.ranges.len()
                 );
-                eprintln!(
-                    "pgpar: warning: worker {id}: {e}; fetching its {} unfinished file(s) again on a new connection (retry {retries} of {MAX_RETRIES})",
-                    rest.ranges.len()
-                );
                 shared.queue.lock().expect("queue lock").push_front(rest);
                 conn = None;
                 backoff(retries).await;

@@ -485,3 +485,44 @@ fn peak_memory_stays_bounded_at_8_jobs() {
         "peak RSS {peak_mb} MB for a {data_mb} MB backup at -j 8"
     );
 }
+
+#[test]
+fn page_checksum_failure_keeps_files_without_a_manifest() {
+    let c = Cluster::new(Pg::V17);
+    c.psql(
+        "CREATE TABLE victim AS SELECT g, repeat('v', 100) AS pad FROM generate_series(1, 5000) g;
+         CHECKPOINT;",
+    );
+    let rel = c
+        .psql("SELECT pg_relation_filepath('victim');")
+        .trim()
+        .to_string();
+    // Damage the third page behind the server's back; nothing rewrites it afterwards.
+    let path = c.data.join(&rel);
+    let mut bytes = fs::read(&path).unwrap();
+    bytes[2 * 8192 + 4000..2 * 8192 + 4100].fill(0xA5);
+    fs::write(&path, bytes).unwrap();
+
+    let dir = scratch_dir();
+    let target = dir.path().join("verified");
+    let out = pbackup(&c, &target, &["-j", "2"]);
+    out.assert_error(1);
+    assert!(out.error_message().contains("checksum"), "{out}");
+    assert!(
+        out.stderr
+            .contains(&format!("\"{rel}\": 1 page(s), blocks [2]")),
+        "the damaged block is not named:\n{out}"
+    );
+    assert!(
+        !target.join("backup_manifest").exists(),
+        "a damaged backup looks finished:\n{out}"
+    );
+    assert!(
+        target.join(&rel).is_file(),
+        "the files were not kept for inspection:\n{out}"
+    );
+
+    let target = dir.path().join("unverified");
+    pbackup(&c, &target, &["-j", "2", "--no-verify-checksums"]).assert_success();
+    c.pg_verifybackup(&target);
+}
