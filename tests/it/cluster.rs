@@ -212,10 +212,10 @@ impl Cluster {
         let root = dir.path().to_path_buf();
         let data = root.join("data");
         let sockdir = root.join("sock");
-        let tls = root.join("tls");
+        let tls_dir = root.join("tls");
         fs::create_dir(&sockdir).unwrap();
-        fs::create_dir(&tls).unwrap();
-        let ca_cert = make_certificates(&tls);
+        fs::create_dir(&tls_dir).unwrap();
+        let ca_cert = make_certificates(&tls_dir);
         give_to_server_user(&root);
 
         run_ok(
@@ -228,7 +228,7 @@ impl Cluster {
         );
 
         for f in ["server.crt", "server.key"] {
-            fs::copy(tls.join(f), data.join(f)).unwrap();
+            fs::copy(tls_dir.join(f), data.join(f)).unwrap();
             fs::set_permissions(data.join(f), fs::Permissions::from_mode(0o600)).unwrap();
         }
         give_to_server_user(&data);
@@ -304,6 +304,8 @@ impl Cluster {
                 self.running = true;
                 return;
             }
+            // pg_ctl may have given up waiting on a server that is still starting: stop it.
+            self.pg_ctl_stop("immediate");
             last_log = self.server_log();
             if !last_log.contains("could not bind") && !last_log.contains("could not create") {
                 break;
