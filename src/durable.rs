@@ -74,12 +74,23 @@ pub fn sync_trees(roots: &[PathBuf], threads: usize) -> Result<()> {
     Ok(())
 }
 
+/// Creates (or truncates) a file private to its owner, as the server's own files are.
+pub fn create_private(p: &Path) -> Result<File> {
+    use std::os::unix::fs::OpenOptionsExt;
+    std::fs::OpenOptions::new()
+        .write(true)
+        .create(true)
+        .truncate(true)
+        .mode(0o600)
+        .open(p)
+        .map_err(|e| Error::io(format!("could not create \"{}\"", p.display()), e))
+}
+
 /// Writes `content` to `dir/name` through `name.tmp`, fsync, rename, fsync of `dir`.
 pub fn write_atomically(dir: &Path, name: &str, content: &[u8], sync: bool) -> Result<()> {
     let tmp = dir.join(format!("{name}.tmp"));
     let dst = dir.join(name);
-    let mut f = File::create(&tmp)
-        .map_err(|e| Error::io(format!("could not create \"{}\"", tmp.display()), e))?;
+    let mut f = create_private(&tmp)?;
     f.write_all(content)
         .map_err(|e| Error::io(format!("could not write \"{}\"", tmp.display()), e))?;
     if sync {
@@ -124,6 +135,12 @@ mod tests {
         fs::write(d.path().join("a/b/f"), b"x").unwrap();
         write_atomically(d.path(), "backup_manifest", b"{}\n", true).unwrap();
         assert_eq!(fs::read(d.path().join("backup_manifest")).unwrap(), b"{}\n");
+        use std::os::unix::fs::PermissionsExt;
+        let mode = fs::metadata(d.path().join("backup_manifest"))
+            .unwrap()
+            .permissions()
+            .mode();
+        assert_eq!(mode & 0o777, 0o600);
         assert!(!d.path().join("backup_manifest.tmp").exists());
         sync_trees(&[d.path().to_path_buf()], 3).unwrap();
         let (files, dirs) = walk(&[d.path().to_path_buf()]).unwrap();

@@ -184,9 +184,7 @@ impl SegmentWriter {
                     Error::io(format!("could not create \"{}\"", status.display()), e)
                 })?;
                 let done = status.join(format!("{name}.done"));
-                File::create(&done).map_err(|e| {
-                    Error::io(format!("could not create \"{}\"", done.display()), e)
-                })?;
+                crate::durable::create_private(&done)?;
             }
         }
         Ok(())

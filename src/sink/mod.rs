@@ -79,10 +79,7 @@ impl StreamSink {
             StreamMessage::ManifestStart => {
                 self.finish_archive()?;
                 let p = self.extractor.root().join("backup_manifest.tmp");
-                self.manifest =
-                    Some(File::create(&p).map_err(|e| {
-                        Error::io(format!("could not create \"{}\"", p.display()), e)
-                    })?);
+                self.manifest = Some(crate::durable::create_private(&p)?);
                 self.in_manifest = true;
             }
             StreamMessage::Data(d) => {
