@@ -148,6 +148,24 @@ pub struct Summary {
     pub wal_segments: usize,
     /// Worker connections used (1 for the stream method).
     pub jobs: usize,
+    /// Peak resident memory of pgpar in MiB (Linux; `null` where it cannot be read).
+    pub peak_rss_mb: Option<f64>,
+}
+
+/// This process's peak resident set size in MiB, from `VmHWM` in /proc/self/status. It is
+/// the high-water mark of the address space made at exec, so unlike `ru_maxrss` it does not
+/// include the parent's memory.
+fn peak_rss_mb() -> Option<f64> {
+    let status = std::fs::read_to_string("/proc/self/status").ok()?;
+    let kb: f64 = status
+        .lines()
+        .find_map(|l| l.strip_prefix("VmHWM:"))?
+        .trim()
+        .trim_end_matches("kB")
+        .trim()
+        .parse()
+        .ok()?;
+    Some((kb / 1024.0 * 10.0).round() / 10.0)
 }
 
 /// Checked options and what everything shares during one backup.
@@ -331,6 +349,7 @@ pub async fn run(cfg: &ConnConfig, args: &BackupArgs) -> Result<()> {
         Ok(mut summary) => {
             summary.seconds = started.elapsed().as_secs_f64();
             summary.mb_per_s = summary.bytes as f64 / 1_048_576.0 / summary.seconds.max(1e-6);
+            summary.peak_rss_mb = peak_rss_mb();
             if args.json {
                 println!(
                     "{}",

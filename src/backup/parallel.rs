@@ -214,6 +214,7 @@ pub(crate) async fn run(
         timeline: t.stop_tli,
         wal_segments: walres.segments.len(),
         jobs: args.jobs,
+        peak_rss_mb: None,
     })
 }
 

@@ -191,5 +191,6 @@ pub(crate) async fn run(
         timeline,
         wal_segments: walres.segments.len(),
         jobs: 1,
+        peak_rss_mb: None,
     })
 }
