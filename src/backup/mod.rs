@@ -330,6 +330,22 @@ fn check_writable(dir: &Path) -> Result<()> {
     Ok(())
 }
 
+/// Resolves when SIGINT or SIGTERM arrives (a scheduler's stop is as final as Ctrl-C), naming it.
+async fn interrupted() -> &'static str {
+    use tokio::signal::unix::{signal, SignalKind};
+    match (
+        signal(SignalKind::interrupt()),
+        signal(SignalKind::terminate()),
+    ) {
+        (Ok(mut int), Ok(mut term)) => tokio::select! {
+            _ = int.recv() => "SIGINT",
+            _ = term.recv() => "SIGTERM",
+        },
+        // Without signal handling, the default action (exit) applies; never resolve.
+        _ => std::future::pending().await,
+    }
+}
+
 /// Runs `pgpar backup`.
 pub async fn run(cfg: &ConnConfig, args: &BackupArgs) -> Result<()> {
     let checked = validate(args)?;
@@ -343,7 +359,7 @@ pub async fn run(cfg: &ConnConfig, args: &BackupArgs) -> Result<()> {
     let started = Instant::now();
     let res = tokio::select! {
         r = backup(cfg, args, &checked, &mut cleanup) => r,
-        _ = tokio::signal::ctrl_c() => Err(Error::Failed("interrupted".into())),
+        sig = interrupted() => Err(Error::Failed(format!("interrupted by {sig}"))),
     };
     match res {
         Ok(mut summary) => {
