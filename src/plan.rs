@@ -46,8 +46,6 @@ pub struct Range {
     pub offset: u64,
     /// Length; for a whole file, its listed size.
     pub length: u64,
-    /// True when this range is the whole file (requested without offset/length).
-    pub whole: bool,
 }
 
 /// One request's worth of work.
@@ -127,7 +125,6 @@ pub fn plan(files: &[FileEntry], cfg: PlanConfig) -> Plan {
                             file: i,
                             offset: off,
                             length: len,
-                            whole: false,
                         }],
                         bytes: len,
                     });
@@ -139,7 +136,6 @@ pub fn plan(files: &[FileEntry], cfg: PlanConfig) -> Plan {
                     file: i,
                     offset: 0,
                     length: f.size,
-                    whole: true,
                 }],
                 bytes: f.size,
             }),
@@ -167,7 +163,6 @@ pub fn plan(files: &[FileEntry], cfg: PlanConfig) -> Plan {
             file: i,
             offset: 0,
             length: size,
-            whole: true,
         });
         cur.bytes += size;
     }

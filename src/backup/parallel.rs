@@ -405,7 +405,6 @@ async fn transfer(
             file: control,
             offset: 0,
             length: shared.files[control].size,
-            whole: true,
         }],
         bytes: shared.files[control].size,
     };

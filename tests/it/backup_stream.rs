@@ -169,7 +169,7 @@ fn stream_backup_of_patched_pg17_verifies_and_restores_same_data() {
 }
 
 /// A pgbench run in the background until dropped.
-pub(crate) struct Load(pub(crate) Child);
+struct Load(Child);
 
 impl Drop for Load {
     fn drop(&mut self) {
@@ -178,13 +178,17 @@ impl Drop for Load {
     }
 }
 
-#[test]
-fn stream_backup_under_write_load_is_consistent() {
-    let c = Cluster::new(Pg::V15);
-    c.pgbench_init(5);
+/// Takes a backup with `take` while `clients` pgbench clients write to `c`, then checks the
+/// restored copy: pgbench's tpcb transaction keeps the sums of abalance, tbalance, bbalance
+/// and history.delta equal at every consistent point, and pg_amcheck finds nothing.
+pub(crate) fn backup_under_load_is_consistent(
+    c: &Cluster,
+    clients: u32,
+    take: impl FnOnce(&Path) -> Out,
+) {
     let load = Load(
         Command::new(c.bindir.join("pgbench"))
-            .args(["-n", "-c", "2", "-T", "600"])
+            .args(["-n", "-c", &clients.to_string(), "-T", "600"])
             .arg("-h")
             .arg(&c.sockdir)
             .args(["-p", &c.port.to_string(), "-U", "postgres", "postgres"])
@@ -200,11 +204,10 @@ fn stream_backup_under_write_load_is_consistent() {
     }
     let dir = scratch_dir();
     let target = dir.path().join("backup");
-    let out = backup(&c, &target, &[]);
+    let out = take(&target);
     drop(load);
 
-    let copy = assert_backup_restores(&c, &target, &out);
-    // pgbench's tpcb transaction keeps these four sums equal at every consistent point.
+    let copy = assert_backup_restores(c, &target, &out);
     let sums = copy.psql(
         "SELECT (SELECT sum(abalance) FROM pgbench_accounts),
                 (SELECT sum(tbalance) FROM pgbench_tellers),
@@ -222,6 +225,13 @@ fn stream_backup_under_write_load_is_consistent() {
         "the copy holds none of the transactions run before the backup"
     );
     amcheck(&copy);
+}
+
+#[test]
+fn stream_backup_under_write_load_is_consistent() {
+    let c = Cluster::new(Pg::V15);
+    c.pgbench_init(5);
+    backup_under_load_is_consistent(&c, 2, |target| backup(&c, target, &[]));
 }
 
 #[test]

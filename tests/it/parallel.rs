@@ -9,7 +9,9 @@ use std::path::Path;
 use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
-use crate::backup_stream::{amcheck, assert_backup_restores, load_extras, snapshot, Load};
+use crate::backup_stream::{
+    assert_backup_restores, backup_under_load_is_consistent, load_extras, snapshot,
+};
 use crate::cluster::{give_to_server_user, run_ok, scratch_dir, Cluster, Pg};
 use crate::util::{pgpar, run, Out};
 
@@ -95,45 +97,9 @@ fn parallel_backups_at_1_2_4_and_8_jobs_verify_and_restore() {
 fn parallel_backup_under_write_load_is_consistent() {
     let c = Cluster::new(Pg::V17);
     c.pgbench_init(5);
-    let load = Load(
-        Command::new(c.bindir.join("pgbench"))
-            .args(["-n", "-c", "4", "-T", "600"])
-            .arg("-h")
-            .arg(&c.sockdir)
-            .args(["-p", &c.port.to_string(), "-U", "postgres", "postgres"])
-            .stdout(Stdio::null())
-            .stderr(Stdio::null())
-            .spawn()
-            .expect("run pgbench"),
-    );
-    let deadline = Instant::now() + Duration::from_secs(60);
-    while c.psql("SELECT count(*) FROM pgbench_history;").trim() == "0" {
-        assert!(Instant::now() < deadline, "pgbench wrote nothing");
-        std::thread::sleep(Duration::from_millis(100));
-    }
-    let dir = scratch_dir();
-    let target = dir.path().join("backup");
-    let out = pbackup(&c, &target, &["-j", "4", "--chunk-size", "1MB"]);
-    drop(load);
-
-    let copy = assert_backup_restores(&c, &target, &out);
-    let sums = copy.psql(
-        "SELECT (SELECT sum(abalance) FROM pgbench_accounts),
-                (SELECT sum(tbalance) FROM pgbench_tellers),
-                (SELECT sum(bbalance) FROM pgbench_branches),
-                (SELECT sum(delta) FROM pgbench_history),
-                (SELECT count(*) FROM pgbench_history);",
-    );
-    let v: Vec<&str> = sums.trim().split('|').collect();
-    assert!(
-        v[0] == v[1] && v[1] == v[2] && v[2] == v[3],
-        "pgbench invariant broken in the restored copy: {sums}"
-    );
-    assert_ne!(
-        v[4], "0",
-        "the copy holds none of the transactions run before the backup"
-    );
-    amcheck(&copy);
+    backup_under_load_is_consistent(&c, 4, |target| {
+        pbackup(&c, target, &["-j", "4", "--chunk-size", "1MB"])
+    });
 }
 
 #[test]
