@@ -623,9 +623,10 @@ fn manifest_checksum_choice_reaches_the_manifest() {
     }
 }
 
-#[test]
-fn page_checksum_failure_fails_the_backup_unless_told_not_to_verify() {
-    let c = Cluster::new(Pg::V15);
+/// Creates table `victim` in `c` and scribbles over the middle of page `block` behind the
+/// server's back, so its checksum no longer matches; the table is not written again, so the
+/// server never rewrites the page. Returns the table's file path relative to the data directory.
+pub(crate) fn damaged_table(c: &Cluster, block: usize) -> String {
     c.psql(
         "CREATE TABLE victim AS SELECT g, repeat('v', 100) AS pad FROM generate_series(1, 5000) g;
          CHECKPOINT;",
@@ -634,13 +635,18 @@ fn page_checksum_failure_fails_the_backup_unless_told_not_to_verify() {
         .psql("SELECT pg_relation_filepath('victim');")
         .trim()
         .to_string();
-    // Scribble over the middle of the second page, behind the server's back: its checksum no
-    // longer matches. The table is not written again, so the server never rewrites the page.
     let path = c.data.join(&rel);
     let mut bytes = fs::read(&path).unwrap();
-    assert!(bytes.len() > 2 * 8192, "victim is too small");
-    bytes[8192 + 4000..8192 + 4100].fill(0xA5);
+    assert!(bytes.len() > (block + 1) * 8192, "victim is too small");
+    bytes[block * 8192 + 4000..block * 8192 + 4100].fill(0xA5);
     fs::write(&path, bytes).unwrap();
+    rel
+}
+
+#[test]
+fn page_checksum_failure_fails_the_backup_unless_told_not_to_verify() {
+    let c = Cluster::new(Pg::V15);
+    damaged_table(&c, 1);
 
     let dir = scratch_dir();
     let target = dir.path().join("verified");

@@ -10,7 +10,7 @@ use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
 use crate::backup_stream::{
-    assert_backup_restores, backup_under_load_is_consistent, load_extras, snapshot,
+    assert_backup_restores, backup_under_load_is_consistent, damaged_table, load_extras, snapshot,
 };
 use crate::cluster::{give_to_server_user, run_ok, scratch_dir, Cluster, Pg};
 use crate::util::{pgpar, run, Out};
@@ -425,19 +425,7 @@ fn peak_memory_stays_bounded_at_8_jobs() {
 #[test]
 fn page_checksum_failure_keeps_files_without_a_manifest() {
     let c = Cluster::new(Pg::V17);
-    c.psql(
-        "CREATE TABLE victim AS SELECT g, repeat('v', 100) AS pad FROM generate_series(1, 5000) g;
-         CHECKPOINT;",
-    );
-    let rel = c
-        .psql("SELECT pg_relation_filepath('victim');")
-        .trim()
-        .to_string();
-    // Damage the third page behind the server's back; nothing rewrites it afterwards.
-    let path = c.data.join(&rel);
-    let mut bytes = fs::read(&path).unwrap();
-    bytes[2 * 8192 + 4000..2 * 8192 + 4100].fill(0xA5);
-    fs::write(&path, bytes).unwrap();
+    let rel = damaged_table(&c, 2);
 
     let dir = scratch_dir();
     let target = dir.path().join("verified");
