@@ -38,6 +38,16 @@ pub enum Checkpoint {
     Spread,
 }
 
+impl Checkpoint {
+    /// The value replication commands take.
+    pub fn name(self) -> &'static str {
+        match self {
+            Checkpoint::Fast => "fast",
+            Checkpoint::Spread => "spread",
+        }
+    }
+}
+
 /// `--method`.
 #[derive(Debug, Clone, Copy, ValueEnum, PartialEq, Eq)]
 pub enum Method {

@@ -85,9 +85,9 @@ pub(crate) async fn run(
     let args = ctx.args;
     if args.progress.is_some() {
         eprintln!(
-            "pgpar: starting parallel backup with {} workers (checkpoint {:?}) on {}",
+            "pgpar: starting parallel backup with {} workers (checkpoint {}) on {}",
             args.jobs,
-            args.checkpoint,
+            args.checkpoint.name(),
             leader.target()
         );
     }

@@ -3,7 +3,7 @@
 
 use tokio::sync::mpsc;
 
-use super::{finalize, prepare_tablespaces, Checkpoint, Cleanup, Ctx, Summary, WalSlot};
+use super::{finalize, prepare_tablespaces, Cleanup, Ctx, Summary, WalSlot};
 use crate::basebackup::{self, StreamMessage};
 use crate::conn::{Connection, Event, ResultSet, Row};
 use crate::error::{Error, Result};
@@ -57,13 +57,7 @@ fn command(ctx: &Ctx<'_>) -> String {
     let mut opts = vec![
         format!("LABEL {}", quote_literal(&a.label)),
         "PROGRESS".to_string(),
-        format!(
-            "CHECKPOINT '{}'",
-            match a.checkpoint {
-                Checkpoint::Fast => "fast",
-                Checkpoint::Spread => "spread",
-            }
-        ),
+        format!("CHECKPOINT '{}'", a.checkpoint.name()),
         "WAIT false".to_string(),
         "MANIFEST 'yes'".to_string(),
         format!("MANIFEST_CHECKSUMS '{}'", a.manifest_checksums.name()),
@@ -86,8 +80,8 @@ pub(crate) async fn run(
 ) -> Result<Summary> {
     if ctx.args.progress.is_some() {
         eprintln!(
-            "pgpar: starting backup (checkpoint {:?}) on {}",
-            ctx.args.checkpoint,
+            "pgpar: starting backup (checkpoint {}) on {}",
+            ctx.args.checkpoint.name(),
             main.target()
         );
     }
