@@ -450,3 +450,37 @@ fn page_checksum_failure_keeps_files_without_a_manifest() {
     pbackup(&c, &target, &["-j", "2", "--no-verify-checksums"]).assert_success();
     c.pg_verifybackup(&target);
 }
+
+#[test]
+fn parallel_backup_of_a_standby_restores() {
+    // A standby's stop LSN is its minimum recovery point, which is only right because
+    // global/pg_control is fetched after every other file.
+    let c = Cluster::new(Pg::V17);
+    c.pgbench_init(2);
+    let dir = scratch_dir();
+    let standby_dir = dir.path().join("standby");
+    pbackup(&c, &standby_dir, &["-j", "2", "-R"]).assert_success();
+    let standby = c.start_backup_copy(&standby_dir);
+    c.psql("CREATE TABLE after_standby AS SELECT g FROM generate_series(1, 1000) g;");
+    let deadline = Instant::now() + Duration::from_secs(60);
+    while standby
+        .psql("SELECT count(*) FROM pg_class WHERE relname = 'after_standby';")
+        .trim()
+        != "1"
+    {
+        assert!(Instant::now() < deadline, "the standby never caught up");
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    let target = dir.path().join("from-standby");
+    let out = pbackup(&standby, &target, &["-j", "3", "--chunk-size", "1MB"]);
+    out.assert_success();
+    let label = fs::read_to_string(target.join("backup_label")).unwrap();
+    assert!(label.contains("BACKUP FROM: standby"), "{label}");
+    standby.pg_verifybackup(&target);
+    // Start it as a primary of its own (drop the standby settings it inherited).
+    fs::remove_file(target.join("standby.signal")).unwrap();
+    let copy = standby.start_backup_copy(&target);
+    let q =
+        "SELECT count(*), sum(abalance) FROM pgbench_accounts; SELECT count(*) FROM after_standby;";
+    assert_eq!(copy.psql(q), c.psql(q));
+}
