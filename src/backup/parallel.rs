@@ -424,6 +424,10 @@ async fn transfer(
     // Files dropped since the listing are not part of the backup.
     for (i, r) in results.iter().enumerate() {
         if r.missing {
+            tracing::info!(
+                "\"{}\" was removed on the server after the listing; it is not part of the backup (WAL replay accounts for it)",
+                shared.files[i].path
+            );
             let _ = std::fs::remove_file(&shared.local[i]);
         }
     }
