@@ -179,10 +179,17 @@ impl SegmentWriter {
         if let Some((_, _f, name)) = self.current.take() {
             if complete {
                 // A finished segment must not be archived again by the restored server.
+                // Never create parents: pg_wal must still be the one the backup made.
                 let status = self.opts.dir.join("archive_status");
-                std::fs::create_dir_all(&status).map_err(|e| {
-                    Error::io(format!("could not create \"{}\"", status.display()), e)
-                })?;
+                match std::fs::create_dir(&status) {
+                    Err(e) if e.kind() != std::io::ErrorKind::AlreadyExists => {
+                        return Err(Error::io(
+                            format!("could not create \"{}\"", status.display()),
+                            e,
+                        ))
+                    }
+                    _ => {}
+                }
                 let done = status.join(format!("{name}.done"));
                 crate::durable::create_private(&done)?;
             }

@@ -570,6 +570,14 @@ pub(crate) struct WalHandle {
     end: watch::Sender<Option<Lsn>>,
 }
 
+/// A backup that fails drops its WAL stream: stop the task there and then, so it cannot write
+/// into a directory that cleanup is removing (a dropped JoinHandle alone leaves it running).
+impl Drop for WalHandle {
+    fn drop(&mut self) {
+        self.task.abort();
+    }
+}
+
 impl WalHandle {
     /// Fails as soon as the WAL stream fails (to race against the copy).
     async fn failed(&mut self) -> Error {
@@ -581,12 +589,12 @@ impl WalHandle {
     }
 
     /// Tells the stream where to stop and waits for it.
-    async fn finish(self, stop: Lsn, progress: bool) -> Result<WalResult> {
+    async fn finish(mut self, stop: Lsn, progress: bool) -> Result<WalResult> {
         if progress {
             eprintln!("pgpar: waiting for WAL up to {stop}");
         }
         let _ = self.end.send(Some(stop));
-        self.task
+        (&mut self.task)
             .await
             .map_err(|e| Error::Failed(format!("WAL streaming task failed: {e}")))?
             .map_err(|e| e.context("WAL streaming failed"))

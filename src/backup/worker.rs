@@ -17,7 +17,7 @@ use std::time::{Duration, Instant};
 use bytes::Bytes;
 use tokio::sync::mpsc;
 
-use crate::conn::{backoff, Connection, Event, Replication};
+use crate::conn::{Connection, Event, Replication};
 use crate::conninfo::ConnConfig;
 use crate::error::{Error, Result};
 use crate::plan::{FileEntry, WorkUnit};
@@ -28,6 +28,11 @@ use crate::replication::parallel::{files_content_command, parse_content, Content
 const MAX_RETRIES: u32 = 3;
 /// Messages buffered between a connection and its writer (32 KiB each from the server).
 const WRITE_QUEUE: usize = 64;
+
+/// Waits before retry `attempt` (0.4 s, 0.8 s, 1.6 s …, at most 6.4 s).
+async fn backoff(attempt: u32) {
+    tokio::time::sleep(Duration::from_millis(200 * (1 << attempt.min(5)))).await;
+}
 
 /// What the transfer of one file produced.
 #[derive(Debug, Default, Clone)]

@@ -14,7 +14,6 @@ use std::collections::HashMap;
 use std::io;
 use std::pin::Pin;
 use std::task::{Context, Poll};
-use std::time::Duration;
 
 use bytes::{Bytes, BytesMut};
 use postgres_protocol::authentication::sasl::{ChannelBinding, ScramSha256};
@@ -825,9 +824,4 @@ fn startup_hint(db: &DbError, cfg: &ConnConfig) -> Option<String> {
         "57P03" => Some("the server is starting up or shutting down: try again in a moment".into()),
         _ => None,
     }
-}
-
-/// Sleeps, for retry back-off (kept here so the driver's callers share one notion of time).
-pub async fn backoff(attempt: u32) {
-    tokio::time::sleep(Duration::from_millis(200 * (1 << attempt.min(5)))).await;
 }
