@@ -16,6 +16,7 @@ pub mod lsn;
 pub mod manifest;
 pub mod plan;
 pub mod progress;
+pub mod protocol;
 pub mod recovery;
 pub mod replication;
 pub mod sink;

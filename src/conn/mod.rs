@@ -26,6 +26,7 @@ use codec::{decode, BackendMessage, DEFAULT_MAX_MESSAGE};
 
 use crate::conninfo::{ConnConfig, Host, SslMode, Target};
 use crate::error::{DbError, Error, Result};
+use crate::protocol::sqlstate;
 
 /// Which kind of session to open.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -375,7 +376,7 @@ impl Connection {
             Ok(()) => Ok(conn),
             Err(e) => {
                 // With allow/prefer, a refusal by pg_hba may be specific to (non-)TLS.
-                let retry = matches!(e, Error::Connect { ref sqlstate, .. } if sqlstate.as_deref() == Some("28000"));
+                let retry = matches!(e, Error::Connect { ref sqlstate, .. } if sqlstate.as_deref() == Some(sqlstate::INVALID_AUTHORIZATION_SPECIFICATION));
                 Err((e, retry))
             }
         }
@@ -497,7 +498,7 @@ impl Connection {
         cfg.password.clone().ok_or_else(|| {
             self.connect_err(
                 format!("the server asked for a password for user \"{}\", but none was given", cfg.user),
-                Some("28P01".into()),
+                Some(sqlstate::INVALID_PASSWORD.into()),
                 Some("give one with PGPASSWORD, a password file (~/.pgpass or PGPASSFILE), or password= in -d".into()),
             )
         })
@@ -659,6 +660,7 @@ impl Connection {
                         return Err(Error::Server {
                             context: format!("server {} ended the session", self.target),
                             db: Box::new(e),
+                            generic: true,
                         });
                     }
                     // The server still sends ReadyForQuery; keep reading until then.
@@ -674,6 +676,7 @@ impl Connection {
                         return Err(Error::Server {
                             context: format!("server {}", self.target),
                             db: Box::new(e),
+                            generic: true,
                         });
                     }
                     return Ok(None);
@@ -804,24 +807,24 @@ fn log_notice(n: &DbError) {
 
 fn startup_hint(db: &DbError, cfg: &ConnConfig) -> Option<String> {
     match db.code.as_str() {
-        "28P01" => Some(
+        sqlstate::INVALID_PASSWORD => Some(
             "check the password (PGPASSWORD, the password file, or password= in -d)".into(),
         ),
-        "28000" if db.message.contains("pg_hba.conf") => Some(
+        sqlstate::INVALID_AUTHORIZATION_SPECIFICATION if db.message.contains("pg_hba.conf") => Some(
             "add a line for database \"replication\" (or \"all\") for this user and host to the server's pg_hba.conf and reload"
                 .into(),
         ),
-        "28000" if db.message.contains("does not exist") => {
+        sqlstate::INVALID_AUTHORIZATION_SPECIFICATION if db.message.contains("does not exist") => {
             Some(format!("create the role, or connect as another with -U (tried \"{}\")", cfg.user))
         }
-        "42501" => Some(format!(
+        sqlstate::INSUFFICIENT_PRIVILEGE => Some(format!(
             "the role needs the REPLICATION attribute: ALTER ROLE \"{}\" REPLICATION",
             cfg.user
         )),
-        "53300" => Some(
+        sqlstate::TOO_MANY_CONNECTIONS => Some(
             "raise max_wal_senders (and max_connections) on the server, or use fewer --jobs".into(),
         ),
-        "57P03" => Some("the server is starting up or shutting down: try again in a moment".into()),
+        sqlstate::CANNOT_CONNECT_NOW => Some("the server is starting up or shutting down: try again in a moment".into()),
         _ => None,
     }
 }

@@ -9,6 +9,7 @@ pub mod parallel;
 use crate::conn::{Connection, ResultSet};
 use crate::error::{Error, Result};
 use crate::lsn::Lsn;
+use crate::protocol::sqlstate;
 
 /// Quotes a string literal for a replication command.
 pub fn quote_literal(s: &str) -> String {
@@ -75,7 +76,7 @@ pub async fn show(c: &mut Connection, name: &str) -> Result<Option<String>> {
             .find(|s| !s.columns.is_empty())
             .and_then(|s| s.rows.into_iter().next())
             .and_then(|r| r.get(0).map(str::to_string))),
-        Err(e) if e.sqlstate() == Some("42704") => Ok(None),
+        Err(e) if e.sqlstate() == Some(sqlstate::UNDEFINED_OBJECT) => Ok(None),
         Err(e) => Err(e.context(format!("SHOW {name} failed"))),
     }
 }
@@ -116,7 +117,7 @@ pub async fn create_physical_slot(
         if temporary { " TEMPORARY" } else { "" }
     );
     let sets = c.simple_query(&cmd).await.map_err(|e| {
-        let hint = if e.sqlstate() == Some("53400") {
+        let hint = if e.sqlstate() == Some(sqlstate::CONFIGURATION_LIMIT_EXCEEDED) {
             " (all replication slots are in use: raise max_replication_slots)"
         } else {
             ""

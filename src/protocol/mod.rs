@@ -1,0 +1,6 @@
+//! The wire protocol without I/O: what the bytes and codes PostgreSQL sends mean.
+//!
+//! Nothing here opens a socket or a file; the drivers ([`crate::conn`], the sources, the WAL
+//! receiver) call in with bytes they read and write what comes back.
+
+pub mod sqlstate;
