@@ -6,7 +6,6 @@
 #![warn(missing_docs)]
 
 pub mod backup;
-pub mod basebackup;
 pub mod check;
 pub mod conn;
 pub mod conninfo;
@@ -20,7 +19,8 @@ pub mod protocol;
 pub mod recovery;
 pub mod replication;
 pub mod sink;
-pub mod tar;
 pub mod wal;
 
 pub use error::{DbError, Error, Result};
+// Transitional: the sink and the methods still name the codecs at their old paths.
+pub use protocol::{basebackup, tar};

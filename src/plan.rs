@@ -9,33 +9,8 @@
 
 use std::collections::VecDeque;
 
-/// Kind of a file-list entry.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum FileKind {
-    /// Directory.
-    Dir,
-    /// Regular file.
-    File,
-    /// Symbolic link (tablespace).
-    Link,
-}
-
-/// One row of SEND_FILE_LIST.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct FileEntry {
-    /// Path relative to the data directory, as the server names it.
-    pub path: String,
-    /// Kind.
-    pub kind: FileKind,
-    /// Size at listing time; the server sends exactly this many bytes.
-    pub size: u64,
-    /// Modification time, seconds since the epoch.
-    pub mtime: i64,
-    /// Link target (links only).
-    pub link_target: Option<String>,
-    /// Tablespace OID, `None` for the main data directory.
-    pub spcoid: Option<u32>,
-}
+// Transitional re-export: the parallel method still names the row type through the plan.
+pub use crate::replication::parallel::{FileEntry, FileKind};
 
 /// Bytes `[offset, offset + length)` of file `file` (an index into the list).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]

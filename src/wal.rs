@@ -8,15 +8,15 @@
 use std::fs::{File, OpenOptions};
 use std::os::unix::fs::{FileExt, OpenOptionsExt};
 use std::path::PathBuf;
-use std::time::{Duration, SystemTime, UNIX_EPOCH};
+use std::time::Duration;
 
-use bytes::{Buf, BufMut, Bytes, BytesMut};
 use tokio::sync::watch;
 
 use crate::conn::{Connection, Event};
 use crate::error::{Error, Result};
 use crate::lsn::Lsn;
-use crate::replication::quote_ident;
+use crate::protocol::walstream::{parse_repl, status_update, ReplMessage};
+use crate::replication::start_replication_command;
 
 /// Where and what to stream.
 #[derive(Debug, Clone)]
@@ -40,80 +40,6 @@ pub struct WalResult {
     pub written: Lsn,
     /// Segment files written.
     pub segments: Vec<String>,
-}
-
-/// Microseconds since 2000-01-01, PostgreSQL's epoch.
-fn pg_now() -> i64 {
-    const PG_EPOCH_OFFSET: u64 = 946_684_800;
-    let d = SystemTime::now()
-        .duration_since(UNIX_EPOCH)
-        .unwrap_or_default();
-    (d.as_micros() as i64) - (PG_EPOCH_OFFSET as i64) * 1_000_000
-}
-
-/// Encodes a standby status update ('r').
-pub fn status_update(written: Lsn, reply: bool) -> Vec<u8> {
-    let mut b = BytesMut::with_capacity(34);
-    b.put_u8(b'r');
-    b.put_u64(written.0);
-    b.put_u64(written.0);
-    b.put_u64(0);
-    b.put_i64(pg_now());
-    b.put_u8(reply as u8);
-    b.to_vec()
-}
-
-/// A message of the physical replication stream.
-#[derive(Debug, PartialEq, Eq)]
-pub enum ReplMessage {
-    /// 'w': WAL bytes starting at `start`.
-    XLogData {
-        /// LSN of the first byte.
-        start: Lsn,
-        /// The bytes.
-        data: Bytes,
-    },
-    /// 'k': keepalive; the server wants a reply when `reply` is set.
-    Keepalive {
-        /// Server's WAL end.
-        wal_end: Lsn,
-        /// Reply requested.
-        reply: bool,
-    },
-}
-
-/// Parses a CopyData payload of the replication stream.
-pub fn parse_repl(mut b: Bytes) -> Result<ReplMessage> {
-    let short = || Error::Protocol("short message in the replication stream".into());
-    if b.is_empty() {
-        return Err(short());
-    }
-    match b.get_u8() {
-        b'w' => {
-            if b.len() < 24 {
-                return Err(short());
-            }
-            let start = Lsn(b.get_u64());
-            let _wal_end = b.get_u64();
-            let _time = b.get_i64();
-            Ok(ReplMessage::XLogData { start, data: b })
-        }
-        b'k' => {
-            if b.len() < 17 {
-                return Err(short());
-            }
-            let wal_end = Lsn(b.get_u64());
-            let _time = b.get_i64();
-            Ok(ReplMessage::Keepalive {
-                wal_end,
-                reply: b.get_u8() != 0,
-            })
-        }
-        t => Err(Error::Protocol(format!(
-            "unknown message '{}' in the replication stream",
-            t as char
-        ))),
-    }
 }
 
 struct SegmentWriter {
@@ -205,12 +131,7 @@ pub async fn stream(
     mut end: watch::Receiver<Option<Lsn>>,
 ) -> Result<WalResult> {
     let start = opts.start.segment_start(opts.segment_size);
-    let cmd = format!(
-        "START_REPLICATION SLOT {} PHYSICAL {} TIMELINE {}",
-        quote_ident(&opts.slot),
-        start,
-        opts.timeline
-    );
+    let cmd = start_replication_command(&opts.slot, start, opts.timeline);
     conn.start_query(&cmd).await?;
     match conn
         .next_event()
@@ -295,40 +216,6 @@ pub async fn stream(
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    #[test]
-    fn parses_replication_messages() {
-        let mut b = BytesMut::new();
-        b.put_u8(b'w');
-        b.put_u64(0x1000);
-        b.put_u64(0x2000);
-        b.put_i64(0);
-        b.put_slice(b"abc");
-        assert_eq!(
-            parse_repl(b.freeze()).unwrap(),
-            ReplMessage::XLogData {
-                start: Lsn(0x1000),
-                data: Bytes::from_static(b"abc")
-            }
-        );
-        let mut b = BytesMut::new();
-        b.put_u8(b'k');
-        b.put_u64(0x3000);
-        b.put_i64(0);
-        b.put_u8(1);
-        assert_eq!(
-            parse_repl(b.freeze()).unwrap(),
-            ReplMessage::Keepalive {
-                wal_end: Lsn(0x3000),
-                reply: true
-            }
-        );
-        assert!(parse_repl(Bytes::from_static(b"w\0")).is_err());
-        let s = status_update(Lsn(5), true);
-        assert_eq!(s.len(), 34);
-        assert_eq!(s[0], b'r');
-        assert_eq!(s[33], 1);
-    }
 
     #[test]
     fn writes_across_segment_boundaries_and_marks_done() {

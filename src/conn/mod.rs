@@ -7,7 +7,6 @@
 //! [`Connection::next_event`] can sit in a `select!`. Server notices go to `tracing`.
 //! It does not know any replication command: that is `crate::replication`.
 
-pub mod codec;
 pub mod tls;
 
 use std::collections::HashMap;
@@ -21,8 +20,8 @@ use postgres_protocol::message::frontend;
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt, ReadBuf};
 use tokio::net::{TcpStream, UnixStream};
 
-pub use codec::Column;
-use codec::{decode, BackendMessage, DEFAULT_MAX_MESSAGE};
+pub use crate::protocol::backend::Column;
+use crate::protocol::backend::{decode, BackendMessage, DEFAULT_MAX_MESSAGE};
 
 use crate::conninfo::{ConnConfig, Host, SslMode, Target};
 use crate::error::{DbError, Error, Result};

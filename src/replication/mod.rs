@@ -137,6 +137,14 @@ pub async fn create_physical_slot(
     Ok(lsn)
 }
 
+/// The START_REPLICATION command streaming physical WAL from `slot` at `start`.
+pub fn start_replication_command(slot: &str, start: Lsn, timeline: u32) -> String {
+    format!(
+        "START_REPLICATION SLOT {} PHYSICAL {start} TIMELINE {timeline}",
+        quote_ident(slot)
+    )
+}
+
 /// Drops a slot, waiting for it to become inactive.
 pub async fn drop_slot(c: &mut Connection, name: &str) -> Result<()> {
     c.simple_query(&format!("DROP_REPLICATION_SLOT {} WAIT", quote_ident(name)))
@@ -176,5 +184,9 @@ mod tests {
         assert_eq!(parse_size("1GB"), Some(1 << 30));
         assert_eq!(parse_size("64kB"), Some(64 << 10));
         assert_eq!(parse_size("x"), None);
+        assert_eq!(
+            start_replication_command("pgpar_1", Lsn(0x0100_0000), 1),
+            "START_REPLICATION SLOT \"pgpar_1\" PHYSICAL 0/1000000 TIMELINE 1"
+        );
     }
 }

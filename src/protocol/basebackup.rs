@@ -72,7 +72,7 @@ pub fn parse(mut b: Bytes) -> Result<StreamMessage> {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::conn::codec::tests::{copy_payloads, decode_in_chunks, msg};
+    use crate::protocol::backend::tests::{copy_payloads, decode_in_chunks, msg};
     use proptest::prelude::*;
 
     fn stream() -> (Vec<u8>, Vec<StreamMessage>) {
