@@ -1,24 +1,23 @@
-//! Our own replication-capable PostgreSQL connection, on tokio.
-//!
-//! Owns one socket (TCP, Unix or TLS), the startup and authentication exchange (trust,
-//! password, md5, SCRAM-SHA-256 with channel binding over TLS), and the simple-query
-//! sub-protocols a replication client needs: result sets, CopyOut, CopyBoth. One task owns a
-//! `Connection`; reads are cancel-safe (partial messages stay in the read buffer), so
-//! [`Connection::next_event`] can sit in a `select!`. Server notices go to `tracing`.
-//! It does not know any replication command: that is `crate::replication`.
+//! Our own replication-capable PostgreSQL connection, on tokio, in three parts as
+//! tokio-postgres splits it: `dial` opens the socket (TCP, Unix, SSLRequest, TLS), `auth`
+//! runs the startup exchange (trust, password, md5, SCRAM-SHA-256 with channel binding over
+//! TLS), and this file is the query/copy state machine a replication client needs: result
+//! sets, CopyOut, CopyBoth, CopyIn. One task owns a `Connection`; reads are cancel-safe
+//! (partial messages stay in the read buffer), so [`Connection::next_event`] can sit in a
+//! `select!`. Server notices go to `tracing`. It does not know any replication command: that
+//! is `crate::replication`; nor any message layout: that is `crate::protocol::backend`.
 
+mod auth;
+mod dial;
 pub mod tls;
 
 use std::collections::HashMap;
-use std::io;
-use std::pin::Pin;
-use std::task::{Context, Poll};
 
 use bytes::{Bytes, BytesMut};
-use postgres_protocol::authentication::sasl::{ChannelBinding, ScramSha256};
 use postgres_protocol::message::frontend;
-use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt, ReadBuf};
-use tokio::net::{TcpStream, UnixStream};
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+
+use dial::Stream;
 
 pub use crate::protocol::backend::Column;
 use crate::protocol::backend::{decode, BackendMessage, DEFAULT_MAX_MESSAGE};
@@ -105,37 +104,6 @@ impl ResultSet {
     /// Index of the column called `name`.
     pub fn column(&self, name: &str) -> Option<usize> {
         self.columns.iter().position(|c| c.name == name)
-    }
-}
-
-trait Socket: AsyncRead + AsyncWrite + Unpin + Send {}
-impl<T: AsyncRead + AsyncWrite + Unpin + Send> Socket for T {}
-
-struct Stream(Box<dyn Socket>);
-
-impl AsyncRead for Stream {
-    fn poll_read(
-        mut self: Pin<&mut Self>,
-        cx: &mut Context<'_>,
-        buf: &mut ReadBuf<'_>,
-    ) -> Poll<io::Result<()>> {
-        Pin::new(&mut *self.0).poll_read(cx, buf)
-    }
-}
-
-impl AsyncWrite for Stream {
-    fn poll_write(
-        mut self: Pin<&mut Self>,
-        cx: &mut Context<'_>,
-        b: &[u8],
-    ) -> Poll<io::Result<usize>> {
-        Pin::new(&mut *self.0).poll_write(cx, b)
-    }
-    fn poll_flush(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
-        Pin::new(&mut *self.0).poll_flush(cx)
-    }
-    fn poll_shutdown(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
-        Pin::new(&mut *self.0).poll_shutdown(cx)
     }
 }
 
@@ -251,114 +219,7 @@ impl Connection {
         want_tls: bool,
         target: &str,
     ) -> std::result::Result<Connection, (Error, bool)> {
-        let fail = |reason: String, hint: Option<String>, retry: bool| {
-            (
-                Error::Connect {
-                    target: target.to_string(),
-                    reason,
-                    sqlstate: None,
-                    hint,
-                },
-                retry,
-            )
-        };
-        let (stream, tls, endpoint) = match &t.host {
-            Host::Socket(dir) => {
-                let path = dir.join(format!(".s.PGSQL.{}", t.port));
-                let s = UnixStream::connect(&path).await.map_err(|e| {
-                    fail(
-                        e.to_string(),
-                        Some(
-                            "is the server running locally and accepting connections on that socket? \
-                             (-h names the socket directory)"
-                                .into(),
-                        ),
-                        false,
-                    )
-                })?;
-                (Stream(Box::new(s)), false, None)
-            }
-            Host::Tcp { name, addr } => {
-                let dial = addr.as_deref().unwrap_or(name);
-                let tcp = TcpStream::connect((dial, t.port)).await.map_err(|e| {
-                    fail(
-                        e.to_string(),
-                        Some(format!(
-                            "is the server running on \"{name}\" and accepting TCP/IP connections on port {}?",
-                            t.port
-                        )),
-                        false,
-                    )
-                })?;
-                let _ = tcp.set_nodelay(true);
-                if want_tls {
-                    let mut tcp = tcp;
-                    let mut buf = BytesMut::new();
-                    frontend::ssl_request(&mut buf);
-                    let mut answer = [0u8; 1];
-                    let io_res = async {
-                        tcp.write_all(&buf).await?;
-                        tcp.read_exact(&mut answer).await
-                    }
-                    .await;
-                    io_res.map_err(|e| {
-                        fail(format!("could not send SSL negotiation: {e}"), None, false)
-                    })?;
-                    match answer[0] {
-                        b'S' => {
-                            let config =
-                                tls::client_config(cfg.sslmode, cfg.sslrootcert.as_deref())
-                                    .map_err(|m| fail(m, None, false))?;
-                            let sn = tls::server_name(name).map_err(|m| fail(m, None, false))?;
-                            let conn = tokio_rustls::TlsConnector::from(config)
-                                .connect(sn, tcp)
-                                .await
-                                .map_err(|e| {
-                                    fail(
-                                        format!("TLS handshake failed: {e}"),
-                                        Some(match cfg.sslmode {
-                                            SslMode::VerifyFull => "the server certificate must be signed by sslrootcert and name the host given in host= (or -h)".into(),
-                                            SslMode::VerifyCa => "the server certificate must be signed by a certificate in sslrootcert".into(),
-                                            _ => "check the server's TLS set-up, or use sslmode=disable".into(),
-                                        }),
-                                        false,
-                                    )
-                                })?;
-                            let endpoint = conn
-                                .get_ref()
-                                .1
-                                .peer_certificates()
-                                .and_then(|c| c.first())
-                                .map(|c| tls::server_end_point(c.as_ref()));
-                            (Stream(Box::new(conn)), true, endpoint)
-                        }
-                        b'N' => {
-                            let retry = cfg.sslmode == SslMode::Prefer;
-                            if !retry {
-                                return Err(fail(
-                                    "server does not support SSL, but SSL was required".into(),
-                                    Some(
-                                        "enable ssl on the server, or use a weaker sslmode".into(),
-                                    ),
-                                    false,
-                                ));
-                            }
-                            // Reconnect without TLS (the server may have closed the socket).
-                            return Err(fail("server does not support SSL".into(), None, true));
-                        }
-                        other => {
-                            return Err(fail(
-                                format!("unexpected answer 0x{other:02x} to SSL negotiation"),
-                                None,
-                                false,
-                            ))
-                        }
-                    }
-                } else {
-                    (Stream(Box::new(tcp)), false, None)
-                }
-            }
-        };
+        let (stream, tls, endpoint) = dial::open(cfg, t, want_tls, target).await?;
         let mut conn = Connection {
             stream,
             rbuf: BytesMut::with_capacity(READ_CHUNK),
@@ -378,145 +239,6 @@ impl Connection {
                 let retry = matches!(e, Error::Connect { ref sqlstate, .. } if sqlstate.as_deref() == Some(sqlstate::INVALID_AUTHORIZATION_SPECIFICATION));
                 Err((e, retry))
             }
-        }
-    }
-
-    async fn startup(
-        &mut self,
-        cfg: &ConnConfig,
-        repl: Replication,
-        endpoint: Option<Vec<u8>>,
-    ) -> Result<()> {
-        let mut params: Vec<(&str, &str)> = vec![("user", &cfg.user)];
-        let db = cfg.dbname.as_deref().unwrap_or(&cfg.user);
-        match repl {
-            Replication::None => params.push(("database", db)),
-            Replication::Physical => params.push(("replication", "true")),
-            Replication::Database => {
-                params.push(("database", db));
-                params.push(("replication", "database"));
-            }
-        }
-        params.push(("application_name", &cfg.application_name));
-        params.push(("client_encoding", "UTF8"));
-        frontend::startup_message(params.iter().copied(), &mut self.wbuf).map_err(|e| {
-            self.connect_err(format!("could not build startup message: {e}"), None, None)
-        })?;
-        self.flush_w().await.map_err(|e| self.lift(e))?;
-
-        let mut scram: Option<ScramSha256> = None;
-        loop {
-            let msg = self.read_message().await.map_err(|e| self.lift(e))?;
-            match msg {
-                BackendMessage::Authentication { code, data } => match code {
-                    0 => {}
-                    3 => {
-                        let pw = self.need_password(cfg)?;
-                        frontend::password_message(pw.as_bytes(), &mut self.wbuf)
-                            .map_err(|e| self.connect_err(e.to_string(), None, None))?;
-                        self.flush_w().await.map_err(|e| self.lift(e))?;
-                    }
-                    5 => {
-                        let pw = self.need_password(cfg)?;
-                        if data.len() < 4 {
-                            return Err(self.connect_err("malformed md5 request".into(), None, None));
-                        }
-                        let salt = [data[0], data[1], data[2], data[3]];
-                        let hash = postgres_protocol::authentication::md5_hash(
-                            cfg.user.as_bytes(),
-                            pw.as_bytes(),
-                            salt,
-                        );
-                        frontend::password_message(hash.as_bytes(), &mut self.wbuf)
-                            .map_err(|e| self.connect_err(e.to_string(), None, None))?;
-                        self.flush_w().await.map_err(|e| self.lift(e))?;
-                    }
-                    10 => {
-                        let pw = self.need_password(cfg)?;
-                        let mechs: Vec<&[u8]> = data.split(|&b| b == 0).filter(|m| !m.is_empty()).collect();
-                        let plus = mechs.contains(&&b"SCRAM-SHA-256-PLUS"[..]);
-                        let (mech, cb) = match (&endpoint, plus) {
-                            (Some(ep), true) => ("SCRAM-SHA-256-PLUS", ChannelBinding::tls_server_end_point(ep.clone())),
-                            (Some(_), false) => ("SCRAM-SHA-256", ChannelBinding::unrequested()),
-                            (None, _) => ("SCRAM-SHA-256", ChannelBinding::unsupported()),
-                        };
-                        if !mechs.contains(&&b"SCRAM-SHA-256"[..]) && !plus {
-                            return Err(self.connect_err(
-                                "the server offers no SASL mechanism we support (need SCRAM-SHA-256)".into(),
-                                None,
-                                None,
-                            ));
-                        }
-                        let s = ScramSha256::new(pw.as_bytes(), cb);
-                        frontend::sasl_initial_response(mech, s.message(), &mut self.wbuf)
-                            .map_err(|e| self.connect_err(e.to_string(), None, None))?;
-                        self.flush_w().await.map_err(|e| self.lift(e))?;
-                        scram = Some(s);
-                    }
-                    11 => {
-                        let s = scram.as_mut().ok_or_else(|| self.connect_err("SASL continue without SASL start".into(), None, None))?;
-                        s.update(&data).map_err(|e| self.connect_err(format!("SCRAM exchange failed: {e}"), None, None))?;
-                        frontend::sasl_response(s.message(), &mut self.wbuf)
-                            .map_err(|e| self.connect_err(e.to_string(), None, None))?;
-                        self.flush_w().await.map_err(|e| self.lift(e))?;
-                    }
-                    12 => {
-                        let s = scram.as_mut().ok_or_else(|| self.connect_err("SASL final without SASL start".into(), None, None))?;
-                        s.finish(&data).map_err(|e| {
-                            self.connect_err(format!("could not verify the server's SCRAM signature: {e}"), None, None)
-                        })?;
-                    }
-                    other => {
-                        return Err(self.connect_err(
-                            format!("unsupported authentication method (code {other}); pgpar supports trust, password, md5 and scram-sha-256"),
-                            None,
-                            None,
-                        ))
-                    }
-                },
-                BackendMessage::ParameterStatus { name, value } => {
-                    self.params.insert(name, value);
-                }
-                BackendMessage::BackendKeyData { pid, .. } => self.backend_pid = pid,
-                BackendMessage::ReadyForQuery(_) => break,
-                BackendMessage::ErrorResponse(db) => {
-                    let hint = startup_hint(&db, cfg);
-                    return Err(self.connect_err(db.message.clone(), Some(db.code.clone()), hint.or(db.hint.clone())));
-                }
-                BackendMessage::NoticeResponse(n) => log_notice(&n),
-                BackendMessage::Ignored(_) => {}
-                other => {
-                    return Err(self.connect_err(format!("unexpected message during startup: {other:?}"), None, None))
-                }
-            }
-        }
-        Ok(())
-    }
-
-    fn need_password(&self, cfg: &ConnConfig) -> Result<String> {
-        cfg.password.clone().ok_or_else(|| {
-            self.connect_err(
-                format!("the server asked for a password for user \"{}\", but none was given", cfg.user),
-                Some(sqlstate::INVALID_PASSWORD.into()),
-                Some("give one with PGPASSWORD, a password file (~/.pgpass or PGPASSFILE), or password= in -d".into()),
-            )
-        })
-    }
-
-    fn connect_err(&self, reason: String, sqlstate: Option<String>, hint: Option<String>) -> Error {
-        Error::Connect {
-            target: self.target.clone(),
-            reason,
-            sqlstate,
-            hint,
-        }
-    }
-
-    /// Turns an I/O or protocol failure during startup into a connect error.
-    fn lift(&self, e: Error) -> Error {
-        match e {
-            Error::Connect { .. } => e,
-            other => self.connect_err(other.to_string(), None, None),
         }
     }
 
@@ -801,29 +523,5 @@ fn log_notice(n: &DbError) {
     match n.severity.as_str() {
         "WARNING" => tracing::warn!(target: "pgpar::server", "{}", n.message),
         _ => tracing::info!(target: "pgpar::server", "{}", n.message),
-    }
-}
-
-fn startup_hint(db: &DbError, cfg: &ConnConfig) -> Option<String> {
-    match db.code.as_str() {
-        sqlstate::INVALID_PASSWORD => Some(
-            "check the password (PGPASSWORD, the password file, or password= in -d)".into(),
-        ),
-        sqlstate::INVALID_AUTHORIZATION_SPECIFICATION if db.message.contains("pg_hba.conf") => Some(
-            "add a line for database \"replication\" (or \"all\") for this user and host to the server's pg_hba.conf and reload"
-                .into(),
-        ),
-        sqlstate::INVALID_AUTHORIZATION_SPECIFICATION if db.message.contains("does not exist") => {
-            Some(format!("create the role, or connect as another with -U (tried \"{}\")", cfg.user))
-        }
-        sqlstate::INSUFFICIENT_PRIVILEGE => Some(format!(
-            "the role needs the REPLICATION attribute: ALTER ROLE \"{}\" REPLICATION",
-            cfg.user
-        )),
-        sqlstate::TOO_MANY_CONNECTIONS => Some(
-            "raise max_wal_senders (and max_connections) on the server, or use fewer --jobs".into(),
-        ),
-        sqlstate::CANNOT_CONNECT_NOW => Some("the server is starting up or shutting down: try again in a moment".into()),
-        _ => None,
     }
 }
