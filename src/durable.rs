@@ -88,9 +88,27 @@ pub fn create_private(p: &Path) -> Result<File> {
 
 /// Writes `content` to `dir/name` through `name.tmp`, fsync, rename, fsync of `dir`.
 pub fn write_atomically(dir: &Path, name: &str, content: &[u8], sync: bool) -> Result<()> {
+    write_atomically_with_mode(dir, name, content, 0o600, sync)
+}
+
+/// [`write_atomically`] with the file's mode (the cluster's: 0600, or 0640 with group access).
+pub fn write_atomically_with_mode(
+    dir: &Path,
+    name: &str,
+    content: &[u8],
+    mode: u32,
+    sync: bool,
+) -> Result<()> {
+    use std::os::unix::fs::OpenOptionsExt;
     let tmp = dir.join(format!("{name}.tmp"));
     let dst = dir.join(name);
-    let mut f = create_private(&tmp)?;
+    let mut f = std::fs::OpenOptions::new()
+        .write(true)
+        .create(true)
+        .truncate(true)
+        .mode(mode)
+        .open(&tmp)
+        .map_err(|e| Error::io(format!("could not create \"{}\"", tmp.display()), e))?;
     f.write_all(content)
         .map_err(|e| Error::io(format!("could not write \"{}\"", tmp.display()), e))?;
     if sync {

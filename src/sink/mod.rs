@@ -6,7 +6,10 @@
 //! thread behind a bounded channel, so receiving never waits on the disk in lockstep and
 //! memory stays bounded whatever the cluster's size.
 
+pub mod digest;
+pub mod dir;
 pub mod plain;
+pub mod seam;
 
 use std::fs::File;
 use std::io::Write;
