@@ -19,6 +19,7 @@ pub mod protocol;
 pub mod recovery;
 pub mod replication;
 pub mod sink;
+pub mod source;
 pub mod wal;
 
 pub use error::{DbError, Error, Result};

@@ -1,0 +1,134 @@
+//! The parallel method's range fetcher: SEND_FILES_CONTENT over one replication connection
+//! (protocol-notes/parallel-backup.md), its CopyData framing decoded by
+//! [`crate::protocol::files_content`] and reported through a [`Delivery`]. It checks only
+//! what is particular to this command (the header names the requested file and offset); the
+//! range checks, retries and writing are the pool's.
+
+use std::sync::Arc;
+
+use super::fetch::{Connector, Damaged, Delivery, RangeFetcher, Request};
+use crate::conn::{Connection, Event, Replication};
+use crate::conninfo::ConnConfig;
+use crate::error::{Error, Result};
+use crate::protocol::files_content::{parse_content, ContentMessage};
+use crate::replication::parallel::files_content_command;
+
+/// Opens worker connections for one running parallel backup.
+pub struct ContentConnector {
+    /// Where to connect.
+    pub cfg: ConnConfig,
+    /// The backup every request names.
+    pub backup_id: String,
+    /// Whether the server verifies page checksums.
+    pub verify: bool,
+}
+
+/// SEND_FILES_CONTENT over one connection.
+pub struct ContentFetcher {
+    conn: Connection,
+    job: Arc<Job>,
+}
+
+/// What every request of one backup shares.
+struct Job {
+    backup_id: String,
+    verify: bool,
+}
+
+impl ContentFetcher {
+    /// A fetcher over a connection the caller opened (the leader fetches `pg_control`).
+    pub fn over(conn: Connection, backup_id: &str, verify: bool) -> ContentFetcher {
+        ContentFetcher {
+            conn,
+            job: Arc::new(Job {
+                backup_id: backup_id.to_string(),
+                verify,
+            }),
+        }
+    }
+
+    /// Gives the connection back.
+    pub fn into_connection(self) -> Connection {
+        self.conn
+    }
+}
+
+impl Connector for ContentConnector {
+    type Fetcher = ContentFetcher;
+
+    async fn connect(&self) -> Result<ContentFetcher> {
+        let conn = Connection::connect(&self.cfg, Replication::Physical).await?;
+        Ok(ContentFetcher::over(conn, &self.backup_id, self.verify))
+    }
+}
+
+impl RangeFetcher for ContentFetcher {
+    async fn fetch(&mut self, ranges: &[Request<'_>], out: &mut Delivery<'_>) -> Result<()> {
+        let reqs: Vec<(&str, u64, u64)> = ranges
+            .iter()
+            .map(|r| (r.path, r.offset, r.length))
+            .collect();
+        let cmd = files_content_command(&self.job.backup_id, &reqs, self.job.verify);
+        self.conn.start_query(&cmd).await?;
+        // Index of the next header expected, and whether the range it opened is missing.
+        let mut next = 0usize;
+        let mut missing = false;
+        while let Some(ev) = self.conn.next_event().await? {
+            match ev {
+                Event::CopyData(d) => match parse_content(d)? {
+                    ContentMessage::Header {
+                        offset,
+                        length,
+                        path,
+                    } => {
+                        let r = ranges.get(next).ok_or_else(|| {
+                            Error::Protocol(
+                                "SEND_FILES_CONTENT sent more files than requested".into(),
+                            )
+                        })?;
+                        if path.as_ref() != r.path.as_bytes() || offset != r.offset {
+                            return Err(Error::Protocol(format!(
+                                "SEND_FILES_CONTENT sent \"{}\" at {offset}, expected \"{}\" at {}",
+                                String::from_utf8_lossy(&path),
+                                r.path,
+                                r.offset
+                            )));
+                        }
+                        match length {
+                            Some(len) => out.begin(next, len).await?,
+                            None => {
+                                out.vanished(next).await?;
+                                missing = true;
+                            }
+                        }
+                        next += 1;
+                    }
+                    ContentMessage::Data(d) => out.data(d).await?,
+                    ContentMessage::Trailer {
+                        failures, blocks, ..
+                    } => {
+                        // A missing file's trailer closes nothing the delivery opened.
+                        if !std::mem::take(&mut missing) {
+                            out.end(Damaged {
+                                pages: failures,
+                                blocks,
+                            })
+                            .await?;
+                        }
+                    }
+                },
+                Event::CopyOutStart | Event::CopyDone | Event::CommandComplete(_) => {}
+                other => {
+                    return Err(Error::Protocol(format!(
+                        "unexpected {other:?} from SEND_FILES_CONTENT"
+                    )))
+                }
+            }
+        }
+        Ok(())
+    }
+
+    async fn close(self) {
+        self.conn.close().await;
+    }
+}

@@ -1,0 +1,13 @@
+//! Sources: where a backup's bytes come from.
+//!
+//! A source turns one backup method's commands into sink entries and file bytes. The stream
+//! method reads one BASE_BACKUP tar stream; the parallel method lists files and fetches
+//! ranges over N workers; the coming sql method will read ranges with `pg_read_binary_file`
+//! over N sessions. Methods that fetch ranges share the worker pool ([`pool`]) and differ
+//! only in their range fetcher ([`fetch`]): SEND_FILES_CONTENT here ([`content`]).
+//! A source must not decide policy (damaged pages, vanished files) or finish the backup:
+//! that is the session's.
+
+pub mod content;
+pub mod fetch;
+pub mod pool;
