@@ -1,11 +1,13 @@
 //! pgpar: PostgreSQL base backups over many replication connections at once.
 //!
-//! Data flows one way: [`conninfo`] → [`conn`] (socket, TLS, auth, framing) → typed
-//! [`replication`] commands → a source (the [`basebackup`] stream, or parallel workers) →
-//! a [`sink`] (plain directory) → the manifest; [`wal`] streams beside it into `pg_wal/`.
+//! Data flows one way: [`conninfo`] → [`conn`] (dial, TLS, auth, query/copy) → typed
+//! [`replication`] commands (bytes decoded by [`protocol`]) → a [`source`] (the BASE_BACKUP
+//! stream, or the parallel workers' range fetchers) → a [`sink`] (the plain directory, with
+//! the manifest tee). One [`session`] frames every backup: leader, checks, method, WAL
+//! stream ([`wal`]) beside the copy, damaged pages, labels, the manifest last ([`durable`]).
+//! [`options`] are checked before any of it; the binary owns flags, printing and signals.
 #![warn(missing_docs)]
 
-pub mod backup;
 pub mod check;
 pub mod conn;
 pub mod conninfo;
@@ -13,15 +15,15 @@ pub mod durable;
 pub mod error;
 pub mod lsn;
 pub mod manifest;
+pub mod options;
 pub mod plan;
 pub mod progress;
 pub mod protocol;
 pub mod recovery;
 pub mod replication;
+pub mod session;
 pub mod sink;
 pub mod source;
 pub mod wal;
 
 pub use error::{DbError, Error, Result};
-// Transitional: the sink and the methods still name the codecs at their old paths.
-pub use protocol::{basebackup, tar};

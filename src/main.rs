@@ -1,10 +1,16 @@
-//! The `pgpar` binary: argument parsing, logging, and turning errors into one line and an
-//! exit code. All the work is in the library.
+//! The `pgpar` binary: flags (clap), logging, signals, printing (reports, the summary,
+//! errors as one line and a hint) and exit codes. All the work is in the library, which gets
+//! validated options and a reporter and never prints.
 
+use std::path::PathBuf;
 use std::process::ExitCode;
 
 use clap::{Args, Parser, Subcommand};
 use pgpar::conninfo::{ConnArgs, ConnConfig, ProcessEnv};
+use pgpar::manifest::ChecksumKind;
+use pgpar::options::{BackupRequest, Checkpoint, MethodChoice};
+use pgpar::progress::ProgressMode;
+use pgpar::session::{Reporter, Summary};
 
 #[derive(Parser)]
 #[command(
@@ -33,12 +39,93 @@ enum Cmd {
     },
     /// Take a base backup into a directory (plain format).
     #[command(disable_help_flag = true)]
-    Backup(Box<pgpar::backup::BackupArgs>),
+    Backup(Box<BackupArgs>),
 }
 
-/// Connection options, as pg_basebackup names them.
+/// Options of `pgpar backup`, named as pg_basebackup names them.
+#[derive(Args, Debug, Clone)]
+struct BackupArgs {
+    #[command(flatten)]
+    conn: Conn,
+    /// Directory to write the backup to (created if missing; must be empty).
+    #[arg(short = 'D', long = "pgdata", value_name = "DIR")]
+    pgdata: PathBuf,
+    /// Backup label.
+    #[arg(short = 'l', long, default_value = "pgpar base backup")]
+    label: String,
+    /// Checkpoint mode.
+    #[arg(short = 'c', long, value_enum, default_value = "spread")]
+    checkpoint: Checkpoint,
+    /// Do not wait for the backup to be written safely to disk.
+    #[arg(short = 'N', long)]
+    no_sync: bool,
+    /// Do not verify data checksums.
+    #[arg(long)]
+    no_verify_checksums: bool,
+    /// Show progress on stderr: a bar (-P), or JSON lines (--progress=json).
+    #[arg(short = 'P', long, value_enum, num_args = 0..=1, require_equals = true, default_missing_value = "bar")]
+    progress: Option<ProgressMode>,
+    /// Checksum algorithm for files in the manifest.
+    #[arg(long, value_enum, default_value = "CRC32C")]
+    manifest_checksums: ChecksumKind,
+    /// Relocate the tablespace in OLDDIR to NEWDIR (repeatable).
+    #[arg(short = 'T', long = "tablespace-mapping", value_name = "OLDDIR=NEWDIR")]
+    tablespace_mapping: Vec<String>,
+    /// Keep what was written when the backup fails (never with a manifest).
+    #[arg(short = 'n', long)]
+    no_clean: bool,
+    /// Print a JSON summary on stdout when done.
+    #[arg(long)]
+    json: bool,
+    /// Backup method.
+    #[arg(long, value_enum, default_value = "auto")]
+    method: MethodChoice,
+    /// Worker connections for the parallel method.
+    #[arg(short = 'j', long, default_value_t = 4)]
+    jobs: usize,
+    /// Files larger than this are split into ranges spread over the workers (parallel method).
+    #[arg(long, default_value = "64MB", value_name = "SIZE")]
+    chunk_size: String,
+    /// Write standby.signal and primary_conninfo so the backup starts as a standby.
+    #[arg(short = 'R', long)]
+    write_recovery_conf: bool,
+    /// Replication slot for the WAL stream (and primary_slot_name with -R).
+    #[arg(short = 'S', long)]
+    slot: Option<String>,
+    /// Create the slot named by -S first.
+    #[arg(short = 'C', long)]
+    create_slot: bool,
+    /// Maximum total transfer rate, kB/s (suffix k or M), across all connections.
+    #[arg(short = 'r', long, value_name = "RATE")]
+    max_rate: Option<String>,
+}
+
+impl BackupArgs {
+    fn request(&self) -> BackupRequest {
+        BackupRequest {
+            pgdata: self.pgdata.clone(),
+            label: self.label.clone(),
+            checkpoint: self.checkpoint,
+            no_sync: self.no_sync,
+            no_verify_checksums: self.no_verify_checksums,
+            progress: self.progress,
+            manifest_checksums: self.manifest_checksums,
+            tablespace_mapping: self.tablespace_mapping.clone(),
+            no_clean: self.no_clean,
+            method: self.method,
+            jobs: self.jobs,
+            chunk_size: self.chunk_size.clone(),
+            write_recovery_conf: self.write_recovery_conf,
+            slot: self.slot.clone(),
+            create_slot: self.create_slot,
+            max_rate: self.max_rate.clone(),
+        }
+    }
+}
+
+/// Connection options, as pg_basebackup names them: the same for every subcommand.
 #[derive(Args, Clone, Debug)]
-pub struct Conn {
+struct Conn {
     /// Connection string (keyword=value or postgresql:// URI).
     #[arg(short = 'd', long = "dbname")]
     dbname: Option<String>,
@@ -57,6 +144,60 @@ pub struct Conn {
     /// Print help (-h is the host, as in pg_basebackup).
     #[arg(long, action = clap::ArgAction::Help)]
     help: Option<bool>,
+}
+
+/// Prints what the library reports, as every other line pgpar writes to stderr.
+struct Stderr;
+
+impl Reporter for Stderr {
+    fn notice(&self, msg: &str) {
+        eprintln!("pgpar: notice: {msg}");
+    }
+    fn step(&self, msg: &str) {
+        eprintln!("pgpar: {msg}");
+    }
+    fn warning(&self, msg: &str) {
+        eprintln!("pgpar: warning: {msg}");
+    }
+    fn progress_line(&self, line: &str) {
+        eprintln!("{line}");
+    }
+}
+
+/// Resolves when SIGINT or SIGTERM arrives (a scheduler's stop is as final as Ctrl-C), naming it.
+async fn interrupted() -> String {
+    use tokio::signal::unix::{signal, SignalKind};
+    match (
+        signal(SignalKind::interrupt()),
+        signal(SignalKind::terminate()),
+    ) {
+        (Ok(mut int), Ok(mut term)) => tokio::select! {
+            _ = int.recv() => "interrupted by SIGINT".into(),
+            _ = term.recv() => "interrupted by SIGTERM".into(),
+        },
+        // Without signal handling, the default action (exit) applies; never resolve.
+        _ => std::future::pending().await,
+    }
+}
+
+fn print_summary(args: &BackupArgs, summary: &Summary) {
+    if args.json {
+        println!(
+            "{}",
+            serde_json::to_string(summary).expect("summary serialises")
+        );
+    } else if args.progress.is_some() {
+        eprintln!(
+            "pgpar: backup complete: {} files, {:.1} MB in {:.1} s ({:.1} MB/s), {} method, WAL {}..{}",
+            summary.files,
+            summary.bytes as f64 / 1_048_576.0,
+            summary.seconds,
+            summary.mb_per_s,
+            summary.method,
+            summary.start_lsn,
+            summary.stop_lsn
+        );
+    }
 }
 
 /// Log lines look like every other line pgpar writes to stderr: `pgpar: warning: …`.
@@ -129,21 +270,26 @@ fn main() -> ExitCode {
     };
     match rt.block_on(run(cli.cmd)) {
         Ok(()) => ExitCode::SUCCESS,
-        Err(e) => {
+        Err((e, code)) => {
             eprintln!("pgpar: error: {e}");
             if let Some(h) = e.hint() {
                 eprintln!("pgpar: hint: {h}");
             }
-            ExitCode::from(e.exit_code() as u8)
+            ExitCode::from(code as u8)
         }
     }
 }
 
-async fn run(cmd: Cmd) -> pgpar::Result<()> {
+/// Runs a subcommand; on failure, the error and the exit code.
+async fn run(cmd: Cmd) -> Result<(), (pgpar::Error, i32)> {
+    let early = |e: pgpar::Error| {
+        let code = e.exit_code();
+        (e, code)
+    };
     match cmd {
         Cmd::Check { conn, json } => {
-            let cfg = resolve(&conn)?;
-            let report = pgpar::check::run(&cfg).await?;
+            let cfg = resolve(&conn).map_err(early)?;
+            let report = pgpar::check::run(&cfg).await.map_err(early)?;
             if json {
                 println!(
                     "{}",
@@ -155,16 +301,19 @@ async fn run(cmd: Cmd) -> pgpar::Result<()> {
             Ok(())
         }
         Cmd::Backup(args) => {
-            let conn = Conn {
-                dbname: args.dbname.clone(),
-                host: args.host.clone(),
-                port: args.port.clone(),
-                username: args.username.clone(),
-                no_password: args.no_password,
-                help: None,
-            };
-            let cfg = resolve(&conn)?;
-            pgpar::backup::run(&cfg, &args).await
+            let opts = args.request().validate().map_err(early)?;
+            let cfg = resolve(&args.conn).map_err(early)?;
+            let reporter = std::sync::Arc::new(Stderr);
+            match pgpar::session::run(&cfg, &opts, reporter, interrupted()).await {
+                Ok(summary) => {
+                    print_summary(&args, &summary);
+                    Ok(())
+                }
+                Err(f) => {
+                    let code = f.exit_code();
+                    Err((f.error, code))
+                }
+            }
         }
     }
 }

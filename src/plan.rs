@@ -9,7 +9,6 @@
 
 use std::collections::VecDeque;
 
-// Transitional re-export: the parallel method still names the row type through the plan.
 pub use crate::replication::parallel::{FileEntry, FileKind};
 
 /// Bytes `[offset, offset + length)` of file `file` (an index into the list).

@@ -1,12 +1,15 @@
-//! Progress on stderr: a bar (`-P`) or one JSON object per line (`--progress=json`), with
-//! bytes done of the total, rate, ETA and active workers. Counters are atomics, so workers
-//! update them without locks; a ticker renders them.
+//! Progress: a bar on stderr (`-P`, drawn by indicatif) or one JSON object per line
+//! (`--progress=json`, handed to the [`Reporter`]), with bytes done of the total, rate, ETA
+//! and active workers. Counters are atomics, so workers update them without locks; a ticker
+//! renders them.
 
 use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use indicatif::{ProgressBar, ProgressDrawTarget, ProgressStyle};
+
+use crate::session::Reporter;
 
 /// How progress is shown.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
@@ -19,6 +22,7 @@ pub enum ProgressMode {
 
 struct Inner {
     mode: Option<ProgressMode>,
+    reporter: Arc<dyn Reporter>,
     done: AtomicU64,
     total: AtomicU64,
     active: AtomicUsize,
@@ -32,7 +36,7 @@ pub struct Progress(Arc<Inner>);
 
 impl Progress {
     /// A display for `total` bytes (an estimate; it grows if exceeded).
-    pub fn new(mode: Option<ProgressMode>, total: u64) -> Progress {
+    pub fn new(mode: Option<ProgressMode>, total: u64, reporter: Arc<dyn Reporter>) -> Progress {
         let bar = (mode == Some(ProgressMode::Bar)).then(|| {
             let pb = ProgressBar::with_draw_target(Some(total.max(1)), ProgressDrawTarget::stderr());
             pb.set_style(
@@ -45,6 +49,7 @@ impl Progress {
         });
         Progress(Arc::new(Inner {
             mode,
+            reporter,
             done: AtomicU64::new(0),
             total: AtomicU64::new(total),
             active: AtomicUsize::new(0),
@@ -106,9 +111,8 @@ impl Progress {
                 } else {
                     0.0
                 };
-                eprintln!(
-                    "{}",
-                    serde_json::json!({
+                i.reporter.progress_line(
+                    &serde_json::json!({
                         "bytes_done": done,
                         "bytes_total": total,
                         "percent": if total > 0 { (done as f64 * 100.0 / total as f64 * 10.0).round() / 10.0 } else { 100.0 },
@@ -117,6 +121,7 @@ impl Progress {
                         "active_workers": active,
                         "done": last,
                     })
+                    .to_string(),
                 );
             }
             None => {}

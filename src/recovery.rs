@@ -2,14 +2,9 @@
 //! an empty `standby.signal`, and `primary_conninfo` (plus `primary_slot_name` with `-S`)
 //! appended to `postgresql.auto.conf`. The password is written only when it was given in the
 //! connection string itself, never when it came from PGPASSWORD or a password file.
-
-use std::fs::OpenOptions;
-use std::io::Write;
-use std::os::unix::fs::OpenOptionsExt;
-use std::path::Path;
+//! It builds the text; the session writes it through the sink.
 
 use crate::conninfo::{ConnConfig, Host, SslMode};
-use crate::error::{Error, Result};
 
 /// Quotes a conninfo value as libpq's `appendConnStrVal`.
 fn conn_val(v: &str) -> String {
@@ -76,8 +71,8 @@ pub fn primary_conninfo(cfg: &ConnConfig) -> String {
         .join(" ")
 }
 
-/// Writes `standby.signal` and appends the settings to `postgresql.auto.conf` in `dir`.
-pub fn write(dir: &Path, cfg: &ConnConfig, slot: Option<&str>) -> Result<()> {
+/// The settings `-R` appends to `postgresql.auto.conf` (beside an empty `standby.signal`).
+pub fn settings(cfg: &ConnConfig, slot: Option<&str>) -> String {
     let q = |s: &str| format!("'{}'", s.replace('\'', "''"));
     let mut text = String::from("\n# written by pgpar backup -R\n");
     text.push_str(&format!(
@@ -87,24 +82,7 @@ pub fn write(dir: &Path, cfg: &ConnConfig, slot: Option<&str>) -> Result<()> {
     if let Some(s) = slot {
         text.push_str(&format!("primary_slot_name = {}\n", q(s)));
     }
-    let conf = dir.join("postgresql.auto.conf");
-    let mut f = OpenOptions::new()
-        .append(true)
-        .create(true)
-        .mode(0o600)
-        .open(&conf)
-        .map_err(|e| Error::io(format!("could not open \"{}\"", conf.display()), e))?;
-    f.write_all(text.as_bytes())
-        .map_err(|e| Error::io(format!("could not write \"{}\"", conf.display()), e))?;
-    let sig = dir.join("standby.signal");
-    OpenOptions::new()
-        .write(true)
-        .create(true)
-        .truncate(true)
-        .mode(0o600)
-        .open(&sig)
-        .map_err(|e| Error::io(format!("could not create \"{}\"", sig.display()), e))?;
-    Ok(())
+    text
 }
 
 #[cfg(test)]
@@ -148,19 +126,15 @@ mod tests {
     }
 
     #[test]
-    fn writes_signal_and_appends_settings() {
-        let d = tempfile::tempdir().unwrap();
-        std::fs::write(d.path().join("postgresql.auto.conf"), "work_mem = '4MB'\n").unwrap();
-        write(d.path(), &cfg("host=/tmp/s user=o'k", None), Some("slot1")).unwrap();
-        let t = std::fs::read_to_string(d.path().join("postgresql.auto.conf")).unwrap();
-        assert!(t.starts_with("work_mem = '4MB'\n"));
+    fn settings_quote_the_conninfo_and_name_the_slot() {
+        let t = settings(&cfg("host=/tmp/s user=o'k", None), Some("slot1"));
+        assert!(t.starts_with("\n# written by pgpar backup -R\n"), "{t}");
         assert!(
             t.contains(
                 "primary_conninfo = 'user=''o\\''k'' host=/tmp/s port=5432 sslmode=prefer'\n"
             ),
             "{t}"
         );
-        assert!(t.contains("primary_slot_name = 'slot1'\n"));
-        assert!(d.path().join("standby.signal").exists());
+        assert!(t.ends_with("primary_slot_name = 'slot1'\n"));
     }
 }

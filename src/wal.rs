@@ -31,6 +31,8 @@ pub struct WalOptions {
     pub start: Lsn,
     /// `wal_segment_size`.
     pub segment_size: u64,
+    /// Mode of the files written (the cluster's: 0600, or 0640 with group access).
+    pub file_mode: u32,
 }
 
 /// What was streamed.
@@ -69,7 +71,7 @@ impl SegmentWriter {
                     .write(true)
                     .create(true)
                     .truncate(false)
-                    .mode(0o600)
+                    .mode(self.opts.file_mode)
                     .open(&path)
                     .map_err(|e| {
                         Error::io(format!("could not open WAL file \"{}\"", path.display()), e)
@@ -117,7 +119,15 @@ impl SegmentWriter {
                     _ => {}
                 }
                 let done = status.join(format!("{name}.done"));
-                crate::durable::create_private(&done)?;
+                std::fs::OpenOptions::new()
+                    .write(true)
+                    .create(true)
+                    .truncate(true)
+                    .mode(self.opts.file_mode)
+                    .open(&done)
+                    .map_err(|e| {
+                        Error::io(format!("could not create \"{}\"", done.display()), e)
+                    })?;
             }
         }
         Ok(())
@@ -227,6 +237,7 @@ mod tests {
                 timeline: 1,
                 start: Lsn(0),
                 segment_size: 1024,
+                file_mode: 0o600,
             },
             current: None,
             written: Lsn(0),

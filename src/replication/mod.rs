@@ -137,6 +137,43 @@ pub async fn create_physical_slot(
     Ok(lsn)
 }
 
+/// The options of BASE_BACKUP pgpar uses.
+#[derive(Debug, Clone)]
+pub struct BaseBackup<'a> {
+    /// Backup label.
+    pub label: &'a str,
+    /// `fast` or `spread`.
+    pub checkpoint: &'a str,
+    /// Manifest checksum algorithm name (`CRC32C`, `SHA256` …).
+    pub manifest_checksums: &'a str,
+    /// Whether the server verifies page checksums.
+    pub verify_checksums: bool,
+    /// Rate limit in kB/s.
+    pub max_rate_kb: Option<u64>,
+}
+
+impl BaseBackup<'_> {
+    /// The command: a manifest, progress messages, no waiting for WAL archiving (the WAL
+    /// comes over our own stream).
+    pub fn command(&self) -> String {
+        let mut opts = vec![
+            format!("LABEL {}", quote_literal(self.label)),
+            "PROGRESS".to_string(),
+            format!("CHECKPOINT '{}'", self.checkpoint),
+            "WAIT false".to_string(),
+            "MANIFEST 'yes'".to_string(),
+            format!("MANIFEST_CHECKSUMS '{}'", self.manifest_checksums),
+        ];
+        if !self.verify_checksums {
+            opts.push("VERIFY_CHECKSUMS false".into());
+        }
+        if let Some(r) = self.max_rate_kb {
+            opts.push(format!("MAX_RATE {r}"));
+        }
+        format!("BASE_BACKUP ({})", opts.join(", "))
+    }
+}
+
 /// The START_REPLICATION command streaming physical WAL from `slot` at `start`.
 pub fn start_replication_command(slot: &str, start: Lsn, timeline: u32) -> String {
     format!(
@@ -184,6 +221,18 @@ mod tests {
         assert_eq!(parse_size("1GB"), Some(1 << 30));
         assert_eq!(parse_size("64kB"), Some(64 << 10));
         assert_eq!(parse_size("x"), None);
+        let bb = BaseBackup {
+            label: "it's",
+            checkpoint: "fast",
+            manifest_checksums: "SHA256",
+            verify_checksums: false,
+            max_rate_kb: Some(1024),
+        };
+        assert_eq!(
+            bb.command(),
+            "BASE_BACKUP (LABEL 'it''s', PROGRESS, CHECKPOINT 'fast', WAIT false, MANIFEST 'yes', \
+             MANIFEST_CHECKSUMS 'SHA256', VERIFY_CHECKSUMS false, MAX_RATE 1024)"
+        );
         assert_eq!(
             start_replication_command("pgpar_1", Lsn(0x0100_0000), 1),
             "START_REPLICATION SLOT \"pgpar_1\" PHYSICAL 0/1000000 TIMELINE 1"

@@ -7,8 +7,6 @@ use super::quote_literal;
 use crate::conn::{Connection, Event, Row};
 use crate::error::{Error, Result};
 use crate::lsn::Lsn;
-// Transitional: the worker still imports the framing from here.
-pub use crate::protocol::files_content::{parse_content, ContentMessage};
 
 /// Kind of a file-list entry.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]

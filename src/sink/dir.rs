@@ -50,6 +50,8 @@ impl Files {
 /// A plain-format backup directory (see the module doc).
 pub struct PlainDir {
     root: PathBuf,
+    /// Mode of the files written besides the data (the cluster's file mode).
+    file_mode: u32,
     tablespaces: HashMap<u32, PathBuf>,
     map: TablespaceMap,
     files: Arc<Files>,
@@ -61,10 +63,18 @@ impl PlainDir {
     pub fn new(root: PathBuf, tablespaces: HashMap<u32, PathBuf>, map: TablespaceMap) -> Self {
         PlainDir {
             root,
+            file_mode: 0o600,
             tablespaces,
             map,
             files: Arc::default(),
         }
+    }
+
+    /// Gives the files written besides the data (labels, manifest) this mode (the
+    /// cluster's: 0600, or 0640 with group access).
+    pub fn with_file_mode(mut self, mode: u32) -> Self {
+        self.file_mode = file_mode(mode);
+        self
     }
 
     /// The backup directory.
@@ -149,13 +159,21 @@ impl Sink for PlainDir {
 
     fn put(&self, name: &str, bytes: &[u8]) -> Result<()> {
         let p = self.local(Root::Data, name)?;
-        // The cluster's file mode, as every file we write: group-readable where the
-        // server's files are.
-        let mode = file_mode(self.cluster_file_mode());
         OpenOptions::new()
             .write(true)
             .create_new(true)
-            .mode(mode)
+            .mode(self.file_mode)
+            .open(&p)
+            .and_then(|mut f| std::io::Write::write_all(&mut f, bytes))
+            .map_err(|e| Error::io(format!("could not write \"{}\"", p.display()), e))
+    }
+
+    fn append(&self, name: &str, bytes: &[u8]) -> Result<()> {
+        let p = self.local(Root::Data, name)?;
+        OpenOptions::new()
+            .append(true)
+            .create(true)
+            .mode(self.file_mode)
             .open(&p)
             .and_then(|mut f| std::io::Write::write_all(&mut f, bytes))
             .map_err(|e| Error::io(format!("could not write \"{}\"", p.display()), e))
@@ -177,21 +195,11 @@ impl Sink for PlainDir {
                 &self.root,
                 "backup_manifest",
                 bytes,
-                file_mode(self.cluster_file_mode()),
+                self.file_mode,
                 sync,
             ),
             None => Ok(()),
         }
-    }
-}
-
-impl PlainDir {
-    /// The mode the data directory was given (0700, or 0750 with group access), as files.
-    fn cluster_file_mode(&self) -> u32 {
-        use std::os::unix::fs::PermissionsExt;
-        std::fs::metadata(&self.root)
-            .map(|m| m.permissions().mode() & 0o640)
-            .unwrap_or(0o600)
     }
 }
 

@@ -1,16 +1,12 @@
-//! Plain-format extraction: tar members become files, directories and tablespace links.
-//!
-//! Modes follow the server's (0700/0600, or 0750/0640 with group access); paths are checked
-//! so that nothing the server sends can land outside the backup or a mapped tablespace.
+//! The plain format's rules, for every sink and method: `-T` tablespace mappings, paths the
+//! server sends checked to stay inside their root, directories prepared empty, and modes
+//! that follow the server's (0700/0600, or 0750/0640 with group access). No writing of data.
 
-use std::fs::{self, File, OpenOptions};
-use std::io::{BufWriter, Write};
-use std::os::unix::fs::{DirBuilderExt, OpenOptionsExt, PermissionsExt};
+use std::fs;
+use std::os::unix::fs::{DirBuilderExt, PermissionsExt};
 use std::path::{Component, Path, PathBuf};
 
-use super::SinkStats;
 use crate::error::{Error, Result};
-use crate::tar::{EntryKind, TarEvent};
 
 /// `-T OLD=NEW` mappings.
 #[derive(Debug, Clone, Default)]
@@ -150,124 +146,6 @@ pub fn file_mode(m: u32) -> u32 {
         0o600
     } else {
         (m & 0o640) | 0o600
-    }
-}
-
-/// Writes tar members under the current archive's destination.
-pub struct PlainExtractor {
-    root: PathBuf,
-    map: TablespaceMap,
-    dest: PathBuf,
-    file: Option<(PathBuf, BufWriter<File>)>,
-    stats: SinkStats,
-}
-
-impl PlainExtractor {
-    /// An extractor into `root`.
-    pub fn new(root: PathBuf, map: TablespaceMap) -> PlainExtractor {
-        PlainExtractor {
-            dest: root.clone(),
-            root,
-            map,
-            file: None,
-            stats: SinkStats::default(),
-        }
-    }
-
-    /// The backup directory.
-    pub fn root(&self) -> &Path {
-        &self.root
-    }
-
-    /// A new archive: the data directory when `tablespace_path` is empty, else the mapped
-    /// tablespace directory (prepared, and checked empty, by the caller).
-    pub fn begin_archive(&mut self, tablespace_path: &str) -> Result<()> {
-        self.dest = if tablespace_path.is_empty() {
-            self.root.clone()
-        } else {
-            let d = self.map.map(Path::new(tablespace_path));
-            fs::DirBuilder::new()
-                .recursive(true)
-                .mode(0o700)
-                .create(&d)
-                .map_err(|e| {
-                    Error::io(
-                        format!("could not create tablespace directory \"{}\"", d.display()),
-                        e,
-                    )
-                })?;
-            d
-        };
-        Ok(())
-    }
-
-    /// Ends the current archive.
-    pub fn end_archive(&mut self) -> Result<()> {
-        self.close_file()
-    }
-
-    fn close_file(&mut self) -> Result<()> {
-        if let Some((p, mut w)) = self.file.take() {
-            w.flush()
-                .map_err(|e| Error::io(format!("could not write \"{}\"", p.display()), e))?;
-        }
-        Ok(())
-    }
-
-    /// Handles one tar event.
-    pub fn event(&mut self, ev: TarEvent<'_>) -> Result<()> {
-        match ev {
-            TarEvent::Entry(e) => {
-                let rel = safe_relative(&e.path)?;
-                let p = self.dest.join(rel);
-                match e.kind {
-                    EntryKind::Dir => make_dir(&p, dir_mode(e.mode))?,
-                    EntryKind::File => {
-                        let f = OpenOptions::new()
-                            .write(true)
-                            .create(true)
-                            .truncate(true)
-                            .mode(file_mode(e.mode))
-                            .open(&p)
-                            .map_err(|err| {
-                                Error::io(format!("could not create file \"{}\"", p.display()), err)
-                            })?;
-                        self.stats.files += 1;
-                        self.file = Some((p, BufWriter::with_capacity(1 << 20, f)));
-                    }
-                    EntryKind::Symlink => {
-                        let target = self.map.map(Path::new(&e.link));
-                        std::os::unix::fs::symlink(&target, &p).map_err(|err| {
-                            Error::io(
-                                format!(
-                                    "could not create symbolic link \"{}\" -> \"{}\"",
-                                    p.display(),
-                                    target.display()
-                                ),
-                                err,
-                            )
-                        })?;
-                    }
-                }
-            }
-            TarEvent::Data(d) => {
-                let (p, w) = self
-                    .file
-                    .as_mut()
-                    .ok_or_else(|| Error::Protocol("tar data outside a file member".into()))?;
-                w.write_all(d)
-                    .map_err(|e| Error::io(format!("could not write \"{}\"", p.display()), e))?;
-                self.stats.bytes += d.len() as u64;
-            }
-            TarEvent::EntryEnd => self.close_file()?,
-            TarEvent::End => {}
-        }
-        Ok(())
-    }
-
-    /// What was written so far.
-    pub fn stats(&self) -> SinkStats {
-        self.stats.clone()
     }
 }
 

@@ -83,6 +83,9 @@ pub trait Sink: Send + Sync {
     fn remove(&self, f: FileId) -> Result<()>;
     /// Writes a whole small file at the top of the data directory (`backup_label` …).
     fn put(&self, name: &str, bytes: &[u8]) -> Result<()>;
+    /// Appends to a file at the top of the data directory, creating it if missing (the
+    /// recovery settings go at the end of `postgresql.auto.conf`).
+    fn append(&self, name: &str, bytes: &[u8]) -> Result<()>;
     /// What was written so far.
     fn stats(&self) -> SinkStats;
     /// Makes everything durable (when `sync`), then writes `manifest`, if any, last: the

@@ -4,8 +4,6 @@
 //! what is particular to this command (the header names the requested file and offset); the
 //! range checks, retries and writing are the pool's.
 
-use std::sync::Arc;
-
 use super::fetch::{Connector, Damaged, Delivery, RangeFetcher, Request};
 use crate::conn::{Connection, Event, Replication};
 use crate::conninfo::ConnConfig;
@@ -26,7 +24,7 @@ pub struct ContentConnector {
 /// SEND_FILES_CONTENT over one connection.
 pub struct ContentFetcher {
     conn: Connection,
-    job: Arc<Job>,
+    job: Job,
 }
 
 /// What every request of one backup shares.
@@ -36,20 +34,15 @@ struct Job {
 }
 
 impl ContentFetcher {
-    /// A fetcher over a connection the caller opened (the leader fetches `pg_control`).
+    /// A fetcher over a connection the caller opened.
     pub fn over(conn: Connection, backup_id: &str, verify: bool) -> ContentFetcher {
         ContentFetcher {
             conn,
-            job: Arc::new(Job {
+            job: Job {
                 backup_id: backup_id.to_string(),
                 verify,
-            }),
+            },
         }
-    }
-
-    /// Gives the connection back.
-    pub fn into_connection(self) -> Connection {
-        self.conn
     }
 }
 
@@ -64,71 +57,107 @@ impl Connector for ContentConnector {
 
 impl RangeFetcher for ContentFetcher {
     async fn fetch(&mut self, ranges: &[Request<'_>], out: &mut Delivery<'_>) -> Result<()> {
-        let reqs: Vec<(&str, u64, u64)> = ranges
-            .iter()
-            .map(|r| (r.path, r.offset, r.length))
-            .collect();
-        let cmd = files_content_command(&self.job.backup_id, &reqs, self.job.verify);
-        self.conn.start_query(&cmd).await?;
-        // Index of the next header expected, and whether the range it opened is missing.
-        let mut next = 0usize;
-        let mut missing = false;
-        while let Some(ev) = self.conn.next_event().await? {
-            match ev {
-                Event::CopyData(d) => match parse_content(d)? {
-                    ContentMessage::Header {
-                        offset,
-                        length,
-                        path,
-                    } => {
-                        let r = ranges.get(next).ok_or_else(|| {
-                            Error::Protocol(
-                                "SEND_FILES_CONTENT sent more files than requested".into(),
-                            )
-                        })?;
-                        if path.as_ref() != r.path.as_bytes() || offset != r.offset {
-                            return Err(Error::Protocol(format!(
-                                "SEND_FILES_CONTENT sent \"{}\" at {offset}, expected \"{}\" at {}",
-                                String::from_utf8_lossy(&path),
-                                r.path,
-                                r.offset
-                            )));
-                        }
-                        match length {
-                            Some(len) => out.begin(next, len).await?,
-                            None => {
-                                out.vanished(next).await?;
-                                missing = true;
-                            }
-                        }
-                        next += 1;
-                    }
-                    ContentMessage::Data(d) => out.data(d).await?,
-                    ContentMessage::Trailer {
-                        failures, blocks, ..
-                    } => {
-                        // A missing file's trailer closes nothing the delivery opened.
-                        if !std::mem::take(&mut missing) {
-                            out.end(Damaged {
-                                pages: failures,
-                                blocks,
-                            })
-                            .await?;
-                        }
-                    }
-                },
-                Event::CopyOutStart | Event::CopyDone | Event::CommandComplete(_) => {}
-                other => {
-                    return Err(Error::Protocol(format!(
-                        "unexpected {other:?} from SEND_FILES_CONTENT"
-                    )))
-                }
-            }
-        }
-        Ok(())
+        fetch_content(&mut self.conn, &self.job, ranges, out).await
     }
 
     async fn close(self) {
         self.conn.close().await;
     }
+}
+
+/// SEND_FILES_CONTENT on the leader's connection, borrowed (for `global/pg_control`, fetched
+/// after every other file).
+pub struct LeaderFetcher<'a> {
+    conn: &'a mut Connection,
+    job: Job,
+}
+
+impl<'a> LeaderFetcher<'a> {
+    /// A fetcher over the leader for the backup `backup_id`.
+    pub fn new(conn: &'a mut Connection, backup_id: &str, verify: bool) -> Self {
+        LeaderFetcher {
+            conn,
+            job: Job {
+                backup_id: backup_id.to_string(),
+                verify,
+            },
+        }
+    }
+}
+
+impl RangeFetcher for LeaderFetcher<'_> {
+    async fn fetch(&mut self, ranges: &[Request<'_>], out: &mut Delivery<'_>) -> Result<()> {
+        fetch_content(self.conn, &self.job, ranges, out).await
+    }
+
+    async fn close(self) {}
+}
+
+/// Runs SEND_FILES_CONTENT for `ranges` on `conn`, reporting through `out`.
+async fn fetch_content(
+    conn: &mut Connection,
+    job: &Job,
+    ranges: &[Request<'_>],
+    out: &mut Delivery<'_>,
+) -> Result<()> {
+    let reqs: Vec<(&str, u64, u64)> = ranges
+        .iter()
+        .map(|r| (r.path, r.offset, r.length))
+        .collect();
+    let cmd = files_content_command(&job.backup_id, &reqs, job.verify);
+    conn.start_query(&cmd).await?;
+    // Index of the next header expected, and whether the range it opened is missing.
+    let mut next = 0usize;
+    let mut missing = false;
+    while let Some(ev) = conn.next_event().await? {
+        match ev {
+            Event::CopyData(d) => match parse_content(d)? {
+                ContentMessage::Header {
+                    offset,
+                    length,
+                    path,
+                } => {
+                    let r = ranges.get(next).ok_or_else(|| {
+                        Error::Protocol("SEND_FILES_CONTENT sent more files than requested".into())
+                    })?;
+                    if path.as_ref() != r.path.as_bytes() || offset != r.offset {
+                        return Err(Error::Protocol(format!(
+                            "SEND_FILES_CONTENT sent \"{}\" at {offset}, expected \"{}\" at {}",
+                            String::from_utf8_lossy(&path),
+                            r.path,
+                            r.offset
+                        )));
+                    }
+                    match length {
+                        Some(len) => out.begin(next, len).await?,
+                        None => {
+                            out.vanished(next).await?;
+                            missing = true;
+                        }
+                    }
+                    next += 1;
+                }
+                ContentMessage::Data(d) => out.data(d).await?,
+                ContentMessage::Trailer {
+                    failures, blocks, ..
+                } => {
+                    // A missing file's trailer closes nothing the delivery opened.
+                    if !std::mem::take(&mut missing) {
+                        out.end(Damaged {
+                            pages: failures,
+                            blocks,
+                        })
+                        .await?;
+                    }
+                }
+            },
+            Event::CopyOutStart | Event::CopyDone | Event::CommandComplete(_) => {}
+            other => {
+                return Err(Error::Protocol(format!(
+                    "unexpected {other:?} from SEND_FILES_CONTENT"
+                )))
+            }
+        }
+    }
+    Ok(())
 }

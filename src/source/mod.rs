@@ -10,4 +10,6 @@
 
 pub mod content;
 pub mod fetch;
+pub(crate) mod parallel;
 pub mod pool;
+pub(crate) mod stream;

@@ -550,6 +550,14 @@ mod tests {
         }
     }
 
+    struct Quiet;
+    impl crate::session::Reporter for Quiet {
+        fn notice(&self, _: &str) {}
+        fn step(&self, _: &str) {}
+        fn warning(&self, _: &str) {}
+        fn progress_line(&self, _: &str) {}
+    }
+
     struct FakeConnector(Arc<FakeServer>);
     struct FakeFetcher(Arc<FakeServer>);
 
@@ -732,7 +740,7 @@ mod tests {
                 jobs,
                 retries: 3,
                 retry_delay: Duration::ZERO,
-                progress: Progress::new(None, 0),
+                progress: Progress::new(None, 0, Arc::new(Quiet)),
                 throttle: None,
             },
         );

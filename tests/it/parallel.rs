@@ -434,7 +434,7 @@ fn page_checksum_failure_keeps_files_without_a_manifest() {
     assert!(out.error_message().contains("checksum"), "{out}");
     assert!(
         out.stderr
-            .contains(&format!("\"{rel}\": 1 page(s), blocks [2]")),
+            .contains(&format!("\"{rel}\": 1 page(s), blocks 2")),
         "the damaged block is not named:\n{out}"
     );
     assert!(

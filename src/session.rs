@@ -1,0 +1,742 @@
+//! One backup, whatever its method: the frame every source runs inside.
+//!
+//! The session owns what every method shares: the target directory's life cycle (created,
+//! checked, removed on failure unless kept), the leader connection and the checks made on it,
+//! the method chosen (and why), the WAL slot and stream, the tablespace directories, the
+//! plain-directory sink, the one damaged-pages policy, the files written besides the data
+//! (`backup_label` before any data file, `tablespace_map`, the recovery settings) and the
+//! manifest, finishing durably, and the summary. A [`Source`] supplies only what differs:
+//! how the backup starts on the server, how the data is copied into the sink, and how it
+//! stops. It prints nothing: messages go to the [`Reporter`] it is given, logs to `tracing`.
+//!
+//! A backup counts as finished only once `backup_manifest` has been renamed into place after
+//! everything else is durable (see [`crate::durable`]).
+
+use std::collections::HashMap;
+use std::future::Future;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::time::Instant;
+
+use serde::Serialize;
+use tokio::sync::watch;
+use tokio::task::JoinHandle;
+
+use crate::conn::{Connection, Replication};
+use crate::conninfo::ConnConfig;
+use crate::error::{Error, Result};
+use crate::lsn::Lsn;
+use crate::manifest::{wal_ranges, ManifestBuilder};
+use crate::options::{BackupOptions, Method, MethodChoice};
+use crate::protocol::sqlstate;
+use crate::replication::{self, timeline_history, SystemInfo};
+use crate::sink::dir::PlainDir;
+use crate::sink::plain::{make_dir, prepare_empty_dir};
+use crate::sink::seam::Sink;
+use crate::source::parallel::ParallelSource;
+use crate::source::stream::StreamSource;
+use crate::wal::{self, WalOptions, WalResult};
+
+/// Where the library's messages for the user go (the binary prints them).
+pub trait Reporter: Send + Sync {
+    /// Something the user should know that is not a problem ("using the stream method").
+    fn notice(&self, msg: &str);
+    /// A step of the backup, shown with `--progress`.
+    fn step(&self, msg: &str);
+    /// Something that went wrong but did not stop the backup by itself.
+    fn warning(&self, msg: &str);
+    /// One progress line (`--progress=json`).
+    fn progress_line(&self, line: &str);
+}
+
+/// The summary of a finished backup (`--json`).
+#[derive(Debug, Serialize)]
+pub struct Summary {
+    /// "stream" or "parallel".
+    pub method: &'static str,
+    /// The backup directory.
+    pub backup_dir: String,
+    /// Bytes of file data written.
+    pub bytes: u64,
+    /// Regular files written (WAL not counted).
+    pub files: u64,
+    /// Wall-clock seconds.
+    pub seconds: f64,
+    /// Throughput.
+    pub mb_per_s: f64,
+    /// Backup start LSN.
+    pub start_lsn: String,
+    /// Backup end LSN.
+    pub stop_lsn: String,
+    /// Timeline.
+    pub timeline: u32,
+    /// WAL segments streamed into pg_wal/.
+    pub wal_segments: usize,
+    /// Worker connections used (1 for the stream method).
+    pub jobs: usize,
+    /// Peak resident memory of pgpar in MiB (Linux; `null` where it cannot be read).
+    pub peak_rss_mb: Option<f64>,
+}
+
+/// A failed backup: the error, and whether the server had been asked to do anything (an
+/// input problem found after that is not a usage error any more).
+#[derive(Debug)]
+pub struct Failure {
+    /// What went wrong.
+    pub error: Error,
+    /// Whether server work had begun.
+    pub server_work_began: bool,
+}
+
+impl Failure {
+    /// The documented exit code: 2 for bad input before any server work, 3 when the server
+    /// could not be reached, 1 for anything else.
+    pub fn exit_code(&self) -> i32 {
+        match self.error.exit_code() {
+            2 if self.server_work_began => 1,
+            c => c,
+        }
+    }
+}
+
+/// This process's peak resident set size in MiB, from `VmHWM` in /proc/self/status. It is
+/// the high-water mark of the address space made at exec, so unlike `ru_maxrss` it does not
+/// include the parent's memory.
+fn peak_rss_mb() -> Option<f64> {
+    let status = std::fs::read_to_string("/proc/self/status").ok()?;
+    let kb: f64 = status
+        .lines()
+        .find_map(|l| l.strip_prefix("VmHWM:"))?
+        .trim()
+        .trim_end_matches("kB")
+        .trim()
+        .parse()
+        .ok()?;
+    Some((kb / 1024.0 * 10.0).round() / 10.0)
+}
+
+/// What every part of one backup may read.
+pub(crate) struct Session<'a> {
+    pub cfg: &'a ConnConfig,
+    pub opts: &'a BackupOptions,
+    pub reporter: Arc<dyn Reporter>,
+    pub sys: SystemInfo,
+    pub version: u32,
+    pub seg_size: u64,
+    /// The data directory's mode on the server (0700, or 0750 with group access).
+    pub cluster_mode: u32,
+}
+
+impl Session<'_> {
+    /// A progress display for `total` bytes, shown through the reporter.
+    pub fn progress(&self, total: u64) -> crate::progress::Progress {
+        crate::progress::Progress::new(self.opts.progress, total, self.reporter.clone())
+    }
+
+    /// Reports a step when `--progress` is on.
+    pub fn step(&self, msg: &str) {
+        if self.opts.progress.is_some() {
+            self.reporter.step(msg);
+        }
+    }
+
+    /// The mode of files the cluster has (0600, or 0640 with group access).
+    pub fn file_mode(&self) -> u32 {
+        self.cluster_mode & 0o640 | 0o600
+    }
+}
+
+/// A tablespace as the server reported it at the backup's start.
+#[derive(Debug, Clone)]
+pub(crate) struct Tablespace {
+    pub oid: u32,
+    /// Absolute, or relative to the data directory for an in-place tablespace.
+    pub location: String,
+}
+
+/// What a source reports once the backup has started on the server.
+pub(crate) struct Started {
+    pub start_lsn: Lsn,
+    pub timeline: u32,
+    pub tablespaces: Vec<Tablespace>,
+    /// `backup_label`, when the method hands it to the client (written before any data).
+    pub backup_label: Option<String>,
+}
+
+/// One file of a manifest the client builds.
+pub(crate) struct ManifestFile {
+    pub path: String,
+    pub size: u64,
+    pub mtime: i64,
+    pub checksum: Vec<u8>,
+}
+
+/// Where the manifest comes from.
+pub(crate) enum ManifestPart {
+    /// The server sent it whole (BASE_BACKUP).
+    FromServer(Vec<u8>),
+    /// The client builds it from these files (plus the labels the session writes).
+    Files(Vec<ManifestFile>),
+}
+
+/// Damaged pages the server found, described for the user.
+pub(crate) enum Damage {
+    /// The files and blocks, one line each.
+    Files { lines: Vec<String>, pages: u64 },
+    /// The server only said so (its warnings, logged as they came, name files and blocks).
+    Reported(String),
+}
+
+/// What a source copied.
+pub(crate) struct Copied {
+    pub manifest: ManifestPart,
+    pub damage: Option<Damage>,
+    pub files: u64,
+    pub bytes: u64,
+}
+
+/// One backup method: the part of a backup that differs between methods.
+pub(crate) trait Source {
+    /// Which method this is.
+    const METHOD: Method;
+
+    /// Starts the backup on the server (after the WAL slot exists, before WAL streams).
+    fn start(
+        &mut self,
+        s: &Session<'_>,
+        leader: &mut Connection,
+    ) -> impl Future<Output = Result<Started>> + Send;
+
+    /// Copies the data into `sink` (directories, links and files; not the labels).
+    fn copy(
+        &mut self,
+        s: &Session<'_>,
+        leader: &mut Connection,
+        sink: &Arc<PlainDir>,
+    ) -> impl Future<Output = Result<Copied>> + Send;
+
+    /// Ends the backup on the server: the stop LSN and its timeline.
+    fn stop(
+        &mut self,
+        s: &Session<'_>,
+        leader: &mut Connection,
+    ) -> impl Future<Output = Result<(Lsn, u32)>> + Send;
+}
+
+/// Everything we created, removed on failure.
+#[derive(Default)]
+struct Cleanup {
+    /// (directory, whether we created it): created ones are removed, others emptied.
+    dirs: Vec<(PathBuf, bool)>,
+    /// A permanent slot created with -C, dropped on failure.
+    slot: Option<String>,
+}
+
+impl Cleanup {
+    fn add_dir(&mut self, p: PathBuf, created: bool) {
+        self.dirs.push((p, created));
+    }
+
+    fn remove_files(&self) {
+        for (dir, created) in self.dirs.iter().rev() {
+            if *created {
+                let _ = std::fs::remove_dir_all(dir);
+            } else if let Ok(rd) = std::fs::read_dir(dir) {
+                for e in rd.flatten() {
+                    let p = e.path();
+                    let _ = if p.is_dir() && !p.is_symlink() {
+                        std::fs::remove_dir_all(&p)
+                    } else {
+                        std::fs::remove_file(&p)
+                    };
+                }
+            }
+        }
+    }
+}
+
+/// Checks that a directory can be written to by creating and removing a probe file.
+fn check_writable(dir: &Path) -> Result<()> {
+    let probe = dir.join(".pgpar-probe");
+    std::fs::write(&probe, b"").map_err(|e| {
+        Error::Usage(format!(
+            "directory \"{}\" is not writable: {e}",
+            dir.display()
+        ))
+    })?;
+    let _ = std::fs::remove_file(probe);
+    Ok(())
+}
+
+/// Runs one backup. `stop` resolves (with a reason, e.g. "interrupted by SIGINT") when the
+/// backup must end at once; everything created is then removed as on any failure.
+pub async fn run(
+    cfg: &ConnConfig,
+    opts: &BackupOptions,
+    reporter: Arc<dyn Reporter>,
+    stop: impl Future<Output = String>,
+) -> std::result::Result<Summary, Failure> {
+    let before = |error| Failure {
+        error,
+        server_work_began: false,
+    };
+    let created = prepare_empty_dir(&opts.dir, "directory").map_err(before)?;
+    let mut cleanup = Cleanup::default();
+    cleanup.add_dir(opts.dir.clone(), created);
+    if let Err(e) = check_writable(&opts.dir) {
+        cleanup.remove_files();
+        return Err(before(e));
+    }
+    let started = Instant::now();
+    let res = tokio::select! {
+        r = backup(cfg, opts, &reporter, &mut cleanup) => r,
+        why = stop => Err(Error::Failed(why)),
+    };
+    match res {
+        Ok(mut summary) => {
+            summary.seconds = started.elapsed().as_secs_f64();
+            summary.mb_per_s = summary.bytes as f64 / 1_048_576.0 / summary.seconds.max(1e-6);
+            summary.peak_rss_mb = peak_rss_mb();
+            Ok(summary)
+        }
+        Err(e) => {
+            let corrupt = matches!(e.root(), Error::DataChecksums(_));
+            if opts.no_clean || corrupt {
+                // Never leave something that looks finished.
+                let _ = std::fs::remove_file(opts.dir.join("backup_manifest"));
+                let _ = std::fs::remove_file(opts.dir.join("backup_manifest.tmp"));
+                reporter.notice(&format!(
+                    "keeping the files in \"{}\" for inspection{} (no backup_manifest: not a usable backup)",
+                    opts.dir.display(),
+                    if corrupt { "" } else { " (--no-clean)" }
+                ));
+            } else {
+                cleanup.remove_files();
+            }
+            if let Some(slot) = cleanup.slot.take() {
+                if let Ok(mut c) = Connection::connect(cfg, Replication::Physical).await {
+                    let _ = replication::drop_slot(&mut c, &slot).await;
+                    c.close().await;
+                }
+            }
+            Err(Failure {
+                error: e,
+                server_work_began: true,
+            })
+        }
+    }
+}
+
+/// Connects the leader, checks the server, chooses the method and runs it in the frame.
+async fn backup(
+    cfg: &ConnConfig,
+    opts: &BackupOptions,
+    reporter: &Arc<dyn Reporter>,
+    cleanup: &mut Cleanup,
+) -> Result<Summary> {
+    let mut leader = Connection::connect(cfg, Replication::Physical).await?;
+    let version = leader.server_version_num().unwrap_or(0);
+    if version < 150000 {
+        return Err(Error::Failed(format!(
+            "server {} runs PostgreSQL {}, pgpar needs 15 or later",
+            leader.target(),
+            leader.parameter("server_version").unwrap_or("?")
+        )));
+    }
+    let sys = replication::identify_system(&mut leader).await?;
+    tracing::info!(
+        "system identifier {}, timeline {}",
+        sys.system_identifier,
+        sys.timeline
+    );
+    let method = choose_method(opts, &mut leader, reporter.as_ref()).await?;
+    let seg_size = replication::wal_segment_size(&mut leader).await?;
+    let wal_level = replication::show(&mut leader, "wal_level")
+        .await?
+        .unwrap_or_default();
+    if wal_level == "minimal" {
+        return Err(Error::Failed(
+            "wal_level is \"minimal\" on the server: set wal_level = replica (or logical) and restart it".into(),
+        ));
+    }
+    if method == Method::Parallel {
+        check_wal_senders(opts, &mut leader).await?;
+    }
+    let cluster_mode = replication::show(&mut leader, "data_directory_mode")
+        .await?
+        .and_then(|m| u32::from_str_radix(m.trim(), 8).ok())
+        .unwrap_or(0o700);
+    let s = Session {
+        cfg,
+        opts,
+        reporter: reporter.clone(),
+        sys,
+        version,
+        seg_size,
+        cluster_mode,
+    };
+    let wal = WalSlot::prepare(&s, cleanup).await?;
+    match method {
+        Method::Parallel => frame(&s, leader, wal, cleanup, ParallelSource::default()).await,
+        Method::Stream => frame(&s, leader, wal, cleanup, StreamSource::default()).await,
+    }
+}
+
+async fn choose_method(
+    opts: &BackupOptions,
+    leader: &mut Connection,
+    reporter: &dyn Reporter,
+) -> Result<Method> {
+    let offered = crate::check::parallel_protocol(leader).await?;
+    Ok(match (opts.method, offered) {
+        (MethodChoice::Stream, _) => Method::Stream,
+        (MethodChoice::Auto | MethodChoice::Parallel, Some(1)) => Method::Parallel,
+        (MethodChoice::Parallel, Some(v)) => {
+            return Err(Error::Failed(format!(
+                "server {} speaks parallel backup protocol {v}, this pgpar speaks 1; use --method stream",
+                leader.target()
+            )))
+        }
+        (MethodChoice::Parallel, None) => {
+            return Err(Error::Failed(format!(
+                "--method parallel: server {} does not offer the parallel backup commands (it lacks the pgpar server patch); use --method stream",
+                leader.target()
+            )))
+        }
+        (MethodChoice::Auto, _) => {
+            reporter.notice(&format!(
+                "server {} does not offer parallel backup; using the stream method (one connection)",
+                leader.target()
+            ));
+            Method::Stream
+        }
+    })
+}
+
+async fn check_wal_senders(opts: &BackupOptions, leader: &mut Connection) -> Result<()> {
+    let max: usize = replication::show(leader, "max_wal_senders")
+        .await?
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(0);
+    let need = opts.jobs + 2;
+    if max < need {
+        return Err(Error::Failed(format!(
+            "max_wal_senders is {max} on server {}, but --jobs {} needs {need} (the workers, the leader and the WAL stream): \
+             raise max_wal_senders to at least {need} (needs a restart), or use --jobs {}",
+            leader.target(),
+            opts.jobs,
+            max.saturating_sub(2).max(1)
+        )));
+    }
+    Ok(())
+}
+
+/// The frame: start, copy beside the WAL stream, stop, the damaged-pages policy, the labels,
+/// the manifest, finish.
+async fn frame<S: Source>(
+    s: &Session<'_>,
+    mut leader: Connection,
+    wal: WalSlot,
+    cleanup: &mut Cleanup,
+    mut source: S,
+) -> Result<Summary> {
+    let started = source.start(s, &mut leader).await?;
+    let ts_dirs = prepare_tablespaces(s, &started.tablespaces, cleanup)?;
+    let sink = Arc::new(
+        PlainDir::new(s.opts.dir.clone(), ts_dirs, s.opts.map.clone())
+            .with_file_mode(s.file_mode()),
+    );
+    // backup_label first: a copy interrupted part-way must not start as a server that
+    // believes it is consistent (it would, from pg_control alone, without the label).
+    if let Some(label) = &started.backup_label {
+        sink.put("backup_label", label.as_bytes())?;
+    }
+    let mut wal = wal.start(s, started.timeline, started.start_lsn)?;
+    let copied = tokio::select! {
+        r = source.copy(s, &mut leader, &sink) => r,
+        e = wal.failed() => Err(e),
+    };
+    let copied = match copied {
+        Ok(c) => c,
+        Err(e) if e.sqlstate() == Some(sqlstate::DATA_CORRUPTED) => {
+            return Err(damaged(s, &sink, Damage::Reported(e.to_string())).await);
+        }
+        Err(e) => return Err(e),
+    };
+    if let Some(d) = copied.damage {
+        return Err(damaged(s, &sink, d).await);
+    }
+    let (stop, stop_tli) = match source.stop(s, &mut leader).await {
+        Err(e) if e.sqlstate() == Some(sqlstate::DATA_CORRUPTED) => {
+            return Err(damaged(s, &sink, Damage::Reported(e.to_string())).await);
+        }
+        r => r?,
+    };
+    s.step(&format!("waiting for WAL up to {stop}"));
+    let walres = wal.finish(stop).await?;
+
+    let mut extra: Vec<(&str, Vec<u8>)> = Vec::new();
+    if let Some(label) = &started.backup_label {
+        extra.push(("backup_label", label.clone().into_bytes()));
+    }
+    if started.backup_label.is_some() {
+        // Plain format makes the links itself; the server re-creates links from this file
+        // when it starts, so it names the mapped locations. In-place tablespaces are
+        // directories inside the backup, not links.
+        let map: String = started
+            .tablespaces
+            .iter()
+            .filter(|t| Path::new(&t.location).is_absolute())
+            .map(|t| {
+                format!(
+                    "{} {}\n",
+                    t.oid,
+                    map_escape(&s.opts.map.map(Path::new(&t.location)).display().to_string())
+                )
+            })
+            .collect();
+        if !map.is_empty() {
+            sink.put("tablespace_map", map.as_bytes())?;
+            extra.push(("tablespace_map", map.into_bytes()));
+        }
+    }
+    if s.opts.write_recovery_conf {
+        let settings = crate::recovery::settings(s.cfg, s.opts.slot.as_deref());
+        sink.append("postgresql.auto.conf", settings.as_bytes())?;
+        sink.put("standby.signal", b"")?;
+    }
+    let manifest = match copied.manifest {
+        ManifestPart::FromServer(bytes) => bytes,
+        ManifestPart::Files(files) => {
+            let history = if stop_tli != started.timeline {
+                let (_, h) = timeline_history(&mut leader, stop_tli).await?;
+                String::from_utf8_lossy(&h).into_owned()
+            } else {
+                String::new()
+            };
+            build_manifest(s, &extra, files, &started, stop, stop_tli, &history)
+        }
+    };
+    leader.close().await;
+    let sync = s.opts.sync;
+    let fin = sink.clone();
+    tokio::task::spawn_blocking(move || fin.finish(Some(&manifest), sync))
+        .await
+        .map_err(|e| Error::Failed(format!("sync task failed: {e}")))??;
+    Ok(Summary {
+        method: S::METHOD.name(),
+        backup_dir: s.opts.dir.display().to_string(),
+        bytes: copied.bytes,
+        files: copied.files,
+        seconds: 0.0,
+        mb_per_s: 0.0,
+        start_lsn: started.start_lsn.to_string(),
+        stop_lsn: stop.to_string(),
+        timeline: stop_tli,
+        wal_segments: walres.segments.len(),
+        jobs: if S::METHOD == Method::Parallel {
+            s.opts.jobs
+        } else {
+            1
+        },
+        peak_rss_mb: None,
+    })
+}
+
+fn build_manifest(
+    s: &Session<'_>,
+    extra: &[(&str, Vec<u8>)],
+    files: Vec<ManifestFile>,
+    started: &Started,
+    stop: Lsn,
+    stop_tli: u32,
+    history: &str,
+) -> Vec<u8> {
+    let kind = s.opts.manifest_checksums;
+    let now = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_secs() as i64)
+        .unwrap_or(0);
+    let mut mb = ManifestBuilder::new(
+        (s.version >= 170000).then_some(s.sys.system_identifier),
+        kind,
+    );
+    for (name, content) in extra {
+        mb.add_file(
+            name.as_bytes(),
+            content.len() as u64,
+            now,
+            &kind.digest(content),
+        );
+    }
+    for f in files {
+        mb.add_file(f.path.as_bytes(), f.size, f.mtime, &f.checksum);
+    }
+    let ranges = wal_ranges(started.start_lsn, started.timeline, stop, stop_tli, history);
+    mb.finish(&ranges)
+}
+
+/// The one damaged-pages policy, for every method: the copy is kept, durable, without a
+/// manifest (as pg_basebackup does), the damaged files are named where the method knows
+/// them, and the backup fails with [`Error::DataChecksums`].
+async fn damaged(s: &Session<'_>, sink: &Arc<PlainDir>, d: Damage) -> Error {
+    let what = match d {
+        Damage::Files { lines, pages } => {
+            for l in &lines {
+                s.reporter
+                    .warning(&format!("data checksum verification failed in {l}"));
+            }
+            format!(
+                "{pages} data page(s) in {} file(s) (listed above)",
+                lines.len()
+            )
+        }
+        Damage::Reported(msg) => format!("data pages ({msg}; the server's warnings name them)"),
+    };
+    let sync = s.opts.sync;
+    let fin = sink.clone();
+    let synced = tokio::task::spawn_blocking(move || fin.finish(None, sync)).await;
+    match synced {
+        Ok(Ok(())) => Error::DataChecksums(format!(
+            "{what} failed checksum verification on the server: the source cluster is damaged \
+             (use --no-verify-checksums to take the backup anyway)"
+        )),
+        Ok(Err(e)) => e,
+        Err(e) => Error::Failed(format!("sync task failed: {e}")),
+    }
+}
+
+/// Escapes a path for tablespace_map as the server does (`\n`, `\r`, `\` get a backslash).
+fn map_escape(p: &str) -> String {
+    let mut s = String::new();
+    for c in p.chars() {
+        if matches!(c, '\n' | '\r' | '\\') {
+            s.push('\\');
+        }
+        s.push(c);
+    }
+    s
+}
+
+/// Creates (or checks) the local directory of each tablespace: the `-T` mapping of its
+/// location, or, for an in-place tablespace (a location relative to the data directory),
+/// that path inside the backup — never a path resolved against pgpar's own working
+/// directory.
+fn prepare_tablespaces(
+    s: &Session<'_>,
+    tablespaces: &[Tablespace],
+    cleanup: &mut Cleanup,
+) -> Result<HashMap<u32, PathBuf>> {
+    let mut out = HashMap::new();
+    for t in tablespaces {
+        let loc = Path::new(&t.location);
+        if !loc.is_absolute() {
+            let d = s
+                .opts
+                .dir
+                .join(crate::sink::plain::safe_relative(&t.location)?);
+            std::fs::DirBuilder::new()
+                .recursive(true)
+                .create(&d)
+                .map_err(|e| Error::io(format!("could not create \"{}\"", d.display()), e))?;
+            make_dir(&d, s.cluster_mode & 0o750 | 0o700)?;
+            out.insert(t.oid, d);
+            continue;
+        }
+        let d = s.opts.map.map(loc);
+        let created = prepare_empty_dir(&d, "tablespace directory").map_err(|e| match e {
+            Error::Usage(m) => Error::Failed(format!(
+                "{m}: map the tablespace elsewhere with -T {}=NEWDIR",
+                t.location
+            )),
+            other => other,
+        })?;
+        cleanup.add_dir(d.clone(), created);
+        out.insert(t.oid, d);
+    }
+    Ok(out)
+}
+
+/// The WAL connection and its slot, set up before the backup starts so that WAL from the
+/// backup's start is retained.
+struct WalSlot {
+    conn: Connection,
+    slot: String,
+}
+
+impl WalSlot {
+    async fn prepare(s: &Session<'_>, cleanup: &mut Cleanup) -> Result<WalSlot> {
+        let mut conn = Connection::connect(s.cfg, Replication::Physical).await?;
+        let slot = match &s.opts.slot {
+            Some(name) => {
+                if s.opts.create_slot {
+                    replication::create_physical_slot(&mut conn, name, false).await?;
+                    cleanup.slot = Some(name.clone());
+                }
+                name.clone()
+            }
+            None => {
+                let name = format!("pgpar_{}", conn.backend_pid());
+                replication::create_physical_slot(&mut conn, &name, true).await?;
+                name
+            }
+        };
+        Ok(WalSlot { conn, slot })
+    }
+
+    /// Starts streaming from the segment holding `start` into `<dir>/pg_wal`.
+    fn start(self, s: &Session<'_>, timeline: u32, start: Lsn) -> Result<WalHandle> {
+        let wal_dir = s.opts.dir.join("pg_wal");
+        let dir_mode = s.cluster_mode & 0o750 | 0o700;
+        make_dir(&wal_dir, dir_mode)?;
+        make_dir(&wal_dir.join("archive_status"), dir_mode)?;
+        let (end, end_rx) = watch::channel(None);
+        let task = tokio::spawn(wal::stream(
+            self.conn,
+            WalOptions {
+                dir: wal_dir,
+                slot: self.slot,
+                timeline,
+                start,
+                segment_size: s.seg_size,
+                file_mode: s.file_mode(),
+            },
+            end_rx,
+        ));
+        Ok(WalHandle { task, end })
+    }
+}
+
+/// A running WAL stream.
+struct WalHandle {
+    task: JoinHandle<Result<WalResult>>,
+    end: watch::Sender<Option<Lsn>>,
+}
+
+/// A backup that fails drops its WAL stream: stop the task there and then, so it cannot write
+/// into a directory that cleanup is removing (a dropped JoinHandle alone leaves it running).
+impl Drop for WalHandle {
+    fn drop(&mut self) {
+        self.task.abort();
+    }
+}
+
+impl WalHandle {
+    /// Fails as soon as the WAL stream fails (to race against the copy).
+    async fn failed(&mut self) -> Error {
+        match (&mut self.task).await {
+            Ok(Err(e)) => e.context("WAL stream"),
+            Ok(Ok(_)) => Error::Failed("WAL stream: stopped before the backup ended".into()),
+            Err(e) => Error::Failed(format!("WAL stream: task failed: {e}")),
+        }
+    }
+
+    /// Tells the stream where to stop and waits for it.
+    async fn finish(mut self, stop: Lsn) -> Result<WalResult> {
+        let _ = self.end.send(Some(stop));
+        (&mut self.task)
+            .await
+            .map_err(|e| Error::Failed(format!("WAL stream: task failed: {e}")))?
+            .map_err(|e| e.context("WAL stream"))
+    }
+}

@@ -1,0 +1,336 @@
+//! The stream method as a [`Source`]: one BASE_BACKUP connection (any PostgreSQL 15 or
+//! later). The connection task parses the CopyData stream ([`crate::protocol::basebackup`])
+//! and hands messages through a bounded channel to a thread that splits the archives with
+//! the tar reader ([`crate::protocol::tar`]) and lays their members down as sink entries,
+//! one file after another from offset 0; the server's own manifest is kept for the session.
+
+use std::collections::HashMap;
+use std::sync::Arc;
+
+use tokio::sync::mpsc;
+
+use crate::conn::{Connection, Event, ResultSet, Row};
+use crate::error::{Error, Result};
+use crate::lsn::Lsn;
+use crate::options::Method;
+use crate::protocol::basebackup::{self, StreamMessage};
+use crate::protocol::tar::{EntryKind, TarEvent, TarParser};
+use crate::replication::BaseBackup;
+use crate::session::{Copied, ManifestPart, Session, Source, Started, Tablespace};
+use crate::sink::dir::PlainDir;
+use crate::sink::seam::{Entry, FileWriter, Kind, Root, Sink};
+
+/// Messages buffered between the connection and the extracting thread.
+const QUEUE: usize = 64;
+
+/// The stream method; holds what the start told us until the stop.
+#[derive(Default)]
+pub(crate) struct StreamSource {
+    timeline: u32,
+    total: u64,
+    tablespaces: Vec<Tablespace>,
+}
+
+fn first_row<'a>(set: Option<&'a ResultSet>, what: &str) -> Result<&'a Row> {
+    set.and_then(|s| s.rows.first())
+        .ok_or_else(|| Error::Protocol(format!("BASE_BACKUP sent no {what}")))
+}
+
+/// Reads result sets until the next copy starts (or the command ends).
+async fn read_sets(c: &mut Connection, until_copy: bool) -> Result<Vec<ResultSet>> {
+    let mut sets: Vec<ResultSet> = Vec::new();
+    loop {
+        match c.next_event().await? {
+            Some(Event::RowDescription(columns)) => sets.push(ResultSet {
+                columns,
+                ..Default::default()
+            }),
+            Some(Event::DataRow(r)) => sets
+                .last_mut()
+                .ok_or_else(|| Error::Protocol("DataRow without RowDescription".into()))?
+                .rows
+                .push(r),
+            Some(Event::CommandComplete(t)) => {
+                if let Some(s) = sets.last_mut() {
+                    s.tag = t;
+                }
+            }
+            Some(Event::CopyOutStart) if until_copy => return Ok(sets),
+            Some(other) => {
+                return Err(Error::Protocol(format!(
+                    "unexpected {other:?} from BASE_BACKUP"
+                )))
+            }
+            None if until_copy => {
+                return Err(Error::Protocol(
+                    "BASE_BACKUP ended without sending data".into(),
+                ))
+            }
+            None => return Ok(sets),
+        }
+    }
+}
+
+impl Source for StreamSource {
+    const METHOD: Method = Method::Stream;
+
+    async fn start(&mut self, s: &Session<'_>, leader: &mut Connection) -> Result<Started> {
+        s.step(&format!(
+            "starting backup (checkpoint {}) on {}",
+            s.opts.checkpoint.name(),
+            leader.target()
+        ));
+        let cmd = BaseBackup {
+            label: &s.opts.label,
+            checkpoint: s.opts.checkpoint.name(),
+            manifest_checksums: s.opts.manifest_checksums.name(),
+            verify_checksums: s.opts.verify_checksums,
+            max_rate_kb: s.opts.max_rate.map(|r| r / 1024),
+        }
+        .command();
+        leader
+            .start_query(&cmd)
+            .await
+            .map_err(|e| e.context("BASE_BACKUP failed"))?;
+        let sets = read_sets(leader, true)
+            .await
+            .map_err(|e| e.context("could not start the backup"))?;
+        let start_row = first_row(sets.first(), "start position")?;
+        let start_lsn: Lsn = start_row
+            .get(0)
+            .ok_or_else(|| Error::Protocol("BASE_BACKUP sent no start LSN".into()))?
+            .parse()?;
+        self.timeline = start_row
+            .get(1)
+            .and_then(|t| t.parse().ok())
+            .ok_or_else(|| Error::Protocol("BASE_BACKUP sent no timeline".into()))?;
+        let ts_rows = sets.get(1).map(|s| s.rows.as_slice()).unwrap_or_default();
+        self.total = ts_rows
+            .iter()
+            .filter_map(|r| r.get(2)?.parse::<u64>().ok())
+            .sum::<u64>()
+            * 1024;
+        self.tablespaces = ts_rows
+            .iter()
+            .filter_map(|r| {
+                Some(Tablespace {
+                    oid: r.get(0)?.parse().ok()?,
+                    location: r.get(1)?.to_string(),
+                })
+            })
+            .collect();
+        Ok(Started {
+            start_lsn,
+            timeline: self.timeline,
+            tablespaces: self.tablespaces.clone(),
+            backup_label: None,
+        })
+    }
+
+    async fn copy(
+        &mut self,
+        s: &Session<'_>,
+        leader: &mut Connection,
+        sink: &Arc<PlainDir>,
+    ) -> Result<Copied> {
+        let (tx, rx) = mpsc::channel::<StreamMessage>(QUEUE);
+        let by_location = self
+            .tablespaces
+            .iter()
+            .map(|t| (t.location.clone(), t.oid))
+            .collect();
+        let extract = Extract::new(sink.clone(), by_location).spawn(rx);
+        let progress = s.progress(self.total);
+        let ticker = progress.spawn_ticker();
+        progress.worker_active(true);
+        let copy = async {
+            loop {
+                match leader.next_event().await? {
+                    Some(Event::CopyData(d)) => {
+                        let m = basebackup::parse(d)?;
+                        match &m {
+                            StreamMessage::Progress(n) => progress.set(*n),
+                            StreamMessage::Data(d) => progress.add(d.len() as u64),
+                            _ => {}
+                        }
+                        if tx.send(m).await.is_err() {
+                            return Ok(()); // the extractor failed; its error is reported below
+                        }
+                    }
+                    Some(Event::CopyDone) => return Ok(()),
+                    Some(other) => {
+                        return Err(Error::Protocol(format!(
+                            "unexpected {other:?} in the backup stream"
+                        )))
+                    }
+                    None => {
+                        return Err(Error::Protocol(
+                            "backup stream ended without CopyDone".into(),
+                        ))
+                    }
+                }
+            }
+        };
+        let copy_res: Result<()> = copy.await;
+        drop(tx);
+        if let Some(t) = ticker {
+            t.abort();
+        }
+        let extracted = tokio::task::spawn_blocking(move || extract.join())
+            .await
+            .map_err(|e| Error::Failed(format!("extract thread failed: {e}")))?
+            .map_err(|_| Error::Failed("extract thread panicked".into()))?;
+        copy_res.map_err(|e| e.context("backup stream failed"))?;
+        let manifest = extracted?;
+        progress.finish();
+        let stats = sink.stats();
+        Ok(Copied {
+            manifest: ManifestPart::FromServer(manifest),
+            damage: None,
+            files: stats.files,
+            bytes: stats.bytes,
+        })
+    }
+
+    async fn stop(&mut self, _s: &Session<'_>, leader: &mut Connection) -> Result<(Lsn, u32)> {
+        let end_sets = read_sets(leader, false)
+            .await
+            .map_err(|e| e.context("the backup did not end cleanly"))?;
+        let end_row = first_row(
+            end_sets.iter().find(|s| !s.columns.is_empty()),
+            "end position",
+        )?;
+        let stop: Lsn = end_row
+            .get(0)
+            .ok_or_else(|| Error::Protocol("BASE_BACKUP sent no end LSN".into()))?
+            .parse()?;
+        Ok((stop, self.timeline))
+    }
+}
+
+/// Lays the archives' members down in the sink, on its own thread; keeps the manifest.
+struct Extract {
+    sink: Arc<PlainDir>,
+    writer: Box<dyn FileWriter>,
+    by_location: HashMap<String, u32>,
+    tar: Option<TarParser>,
+    archive: String,
+    root: Root,
+    manifest: Option<Vec<u8>>,
+}
+
+impl Extract {
+    fn new(sink: Arc<PlainDir>, by_location: HashMap<String, u32>) -> Extract {
+        Extract {
+            writer: sink.writer(),
+            sink,
+            by_location,
+            tar: None,
+            archive: String::new(),
+            root: Root::Data,
+            manifest: None,
+        }
+    }
+
+    fn finish_archive(&mut self) -> Result<()> {
+        if let Some(t) = self.tar.take() {
+            if !t.finished() {
+                return Err(Error::Protocol(format!(
+                    "archive \"{}\" ended without the tar end-of-archive marker",
+                    self.archive
+                )));
+            }
+        }
+        Ok(())
+    }
+
+    fn event(
+        sink: &PlainDir,
+        writer: &mut dyn FileWriter,
+        root: Root,
+        ev: TarEvent<'_>,
+    ) -> Result<()> {
+        match ev {
+            TarEvent::Entry(e) => {
+                let kind = match e.kind {
+                    EntryKind::Dir => Kind::Dir,
+                    EntryKind::File => Kind::File,
+                    EntryKind::Symlink => Kind::Symlink,
+                };
+                let id = sink.entry(&Entry {
+                    root,
+                    path: &e.path,
+                    kind,
+                    mode: e.mode,
+                    link: &e.link,
+                })?;
+                if let Some(id) = id {
+                    writer.begin(id, 0)?;
+                }
+            }
+            TarEvent::Data(d) => writer.write(d)?,
+            TarEvent::EntryEnd => writer.end()?,
+            TarEvent::End => {}
+        }
+        Ok(())
+    }
+
+    /// Handles one stream message.
+    fn handle(&mut self, m: StreamMessage) -> Result<()> {
+        match m {
+            StreamMessage::NewArchive {
+                name,
+                tablespace_path,
+            } => {
+                self.finish_archive()?;
+                self.root = if tablespace_path.is_empty() {
+                    Root::Data
+                } else {
+                    let oid = self.by_location.get(&tablespace_path).ok_or_else(|| {
+                        Error::Protocol(format!(
+                            "archive \"{name}\" is for tablespace \"{tablespace_path}\", which BASE_BACKUP did not list"
+                        ))
+                    })?;
+                    Root::Tablespace(*oid)
+                };
+                self.archive = name;
+                self.tar = Some(TarParser::default());
+            }
+            StreamMessage::ManifestStart => {
+                self.finish_archive()?;
+                self.manifest = Some(Vec::new());
+            }
+            StreamMessage::Data(d) => match self.manifest.as_mut() {
+                Some(m) => m.extend_from_slice(&d),
+                None => {
+                    let tar = self.tar.as_mut().ok_or_else(|| {
+                        Error::Protocol("archive data before any archive started".into())
+                    })?;
+                    let (sink, writer, root) = (&self.sink, &mut self.writer, self.root);
+                    tar.feed(&d, &mut |ev| Self::event(sink, writer.as_mut(), root, ev))?;
+                }
+            },
+            StreamMessage::Progress(_) => {}
+        }
+        Ok(())
+    }
+
+    /// Runs on a dedicated thread fed by a bounded channel; returns the manifest.
+    fn spawn(
+        mut self,
+        mut rx: mpsc::Receiver<StreamMessage>,
+    ) -> std::thread::JoinHandle<Result<Vec<u8>>> {
+        std::thread::Builder::new()
+            .name("pgpar-extract".into())
+            .spawn(move || {
+                while let Some(m) = rx.blocking_recv() {
+                    self.handle(m)?;
+                }
+                self.finish_archive()?;
+                self.manifest
+                    .take()
+                    .ok_or_else(|| Error::Failed("the server sent no backup manifest".into()))
+            })
+            .expect("spawn extract thread")
+    }
+}
