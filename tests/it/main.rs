@@ -17,3 +17,4 @@ mod cli;
 mod fixture;
 mod parallel;
 mod patch;
+mod pipeline;

@@ -1,0 +1,224 @@
+//! One pipeline for every method (issue 9): both methods write through the same sink, so
+//! they lay files down alike — with the modes pg_basebackup gives them on a cluster with group
+//! access; manifest checksums are taken as the bytes pass, so no data file is read back and
+//! memory stays flat with SHA-256 on a table over 1 GB; a broken WAL stream says so.
+
+use std::fs;
+use std::os::unix::fs::MetadataExt;
+use std::path::Path;
+use std::process::{Command, Stdio};
+use std::time::{Duration, Instant};
+
+use crate::cluster::{as_server_user, run_ok, scratch_dir, Cluster, Pg};
+use crate::util::{mode, pgpar, run, walk};
+
+/// (atime, mtime) with nanoseconds.
+fn times(p: &Path) -> ((i64, i64), (i64, i64)) {
+    let m = fs::metadata(p).unwrap();
+    ((m.atime(), m.atime_nsec()), (m.mtime(), m.mtime_nsec()))
+}
+
+#[test]
+fn sha256_manifest_reads_no_file_back_and_memory_stays_flat() {
+    let c = Cluster::new(Pg::V17);
+    // Rows of ~1.8 kB stay below the TOAST threshold: 4 per page, about 1.2 GB of heap.
+    c.psql(
+        "CREATE TABLE big (g int, pad text);
+         ALTER TABLE big ALTER pad SET STORAGE PLAIN;
+         INSERT INTO big SELECT g, repeat(md5(g::text), 56) FROM generate_series(1, 600000) g;
+         CHECKPOINT;",
+    );
+    let rel = c
+        .psql("SELECT pg_relation_filepath('big');")
+        .trim()
+        .to_string();
+    let table_mb: u64 = c
+        .psql("SELECT pg_relation_size('big') >> 20;")
+        .trim()
+        .parse()
+        .unwrap();
+    assert!(table_mb > 1100, "the table is only {table_mb} MB");
+    let dir = scratch_dir();
+    let target = dir.path().join("backup");
+    let out = run(pgpar()
+        .args([
+            "backup", "--json", "-c", "fast", "--method", "parallel", "-j", "4",
+        ])
+        .args(["--manifest-checksums", "SHA256", "-D"])
+        .arg(&target)
+        .args(["-d", &c.conninfo("trust_user")]));
+    out.assert_success();
+    let peak_mb = out.json()["peak_rss_mb"].as_f64().unwrap_or(f64::MAX);
+    assert!(
+        peak_mb < 64.0,
+        "peak RSS {peak_mb} MB with SHA-256 checksums for a {table_mb} MB table:\n{out}"
+    );
+
+    // On this relatime file system, reading a file whose atime is not newer than its mtime
+    // moves its atime past its mtime. A file pgpar never read keeps the atime it was
+    // created with, which its writes leave behind.
+    let mut checked = 0;
+    for p in walk(&target) {
+        let p = target.join(p);
+        let m = fs::symlink_metadata(&p).unwrap();
+        if !m.is_file() || m.len() == 0 {
+            continue;
+        }
+        let (atime, mtime) = times(&p);
+        assert!(
+            atime <= mtime,
+            "{} was read after it was written (atime {atime:?} > mtime {mtime:?})",
+            p.display()
+        );
+        checked += 1;
+    }
+    assert!(checked > 500, "only {checked} files checked");
+    // The check can fail: a read now does move the atime (the mount records reads).
+    let first = target.join(&rel);
+    std::thread::sleep(Duration::from_millis(20));
+    let mut b = [0u8; 1];
+    std::io::Read::read(&mut fs::File::open(&first).unwrap(), &mut b).unwrap();
+    let (atime, mtime) = times(&first);
+    assert!(
+        atime > mtime,
+        "reads do not update atime here: the check above proves nothing"
+    );
+
+    // The manifest's SHA-256 checksums are right.
+    c.pg_verifybackup(&target);
+}
+
+/// Every entry's mode under `root`, relative path → mode (symlinks left out: their mode
+/// means nothing).
+fn modes(root: &Path) -> Vec<(String, u32)> {
+    walk(root)
+        .into_iter()
+        .filter(|p| !fs::symlink_metadata(root.join(p)).unwrap().is_symlink())
+        .map(|p| (p.display().to_string(), mode(&root.join(&p))))
+        .collect()
+}
+
+#[test]
+fn group_access_modes_match_pg_basebackup_in_both_methods() {
+    let c = Cluster::new(Pg::V17);
+    c.psql("CREATE TABLE t AS SELECT generate_series(1, 1000) g;");
+    // Give the cluster group access, as initdb -g does (0750 directories, 0640 files), and
+    // restart it so the server takes its data_directory_mode from the directory.
+    for p in walk(&c.data).into_iter().map(|p| c.data.join(p)) {
+        let m = fs::symlink_metadata(&p).unwrap();
+        let want = if m.is_dir() {
+            0o750
+        } else if p.ends_with("server.key") {
+            continue; // a key the server owns must stay private
+        } else {
+            0o640
+        };
+        run_ok(Command::new("chmod").arg(format!("{want:o}")).arg(&p));
+    }
+    run_ok(Command::new("chmod").arg("750").arg(&c.data));
+    let status = as_server_user(&c.bindir.join("pg_ctl"))
+        .arg("-D")
+        .arg(&c.data)
+        .arg("-l")
+        .arg(&c.log)
+        .args(["-w", "-t", "120", "-m", "fast", "restart"])
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .status()
+        .unwrap();
+    assert!(status.success(), "restart failed:\n{}", c.server_log());
+    assert_eq!(c.psql("SHOW data_directory_mode;").trim(), "0750");
+
+    let dir = scratch_dir();
+    let reference = dir.path().join("pg_basebackup");
+    run_ok(
+        Command::new(c.bindir.join("pg_basebackup"))
+            .arg("-D")
+            .arg(&reference)
+            .args(["-c", "fast", "-X", "stream", "-d"])
+            .arg(c.socket_conninfo("postgres")),
+    );
+    let want: std::collections::BTreeMap<String, u32> = modes(&reference).into_iter().collect();
+    assert!(want.values().any(|m| *m == 0o640), "{want:?}");
+    for method in ["stream", "parallel"] {
+        let target = dir.path().join(method);
+        run(pgpar()
+            .args(["backup", "-c", "fast", "--method", method, "-D"])
+            .arg(&target)
+            .args(["-d", &c.conninfo("trust_user")]))
+        .assert_success();
+        let mut compared = 0;
+        for (path, m) in modes(&target) {
+            // WAL segments and their .done markers differ in name with the timing.
+            let Some(w) = want.get(&path).copied().or_else(|| {
+                path.starts_with("pg_wal/").then(|| {
+                    if fs::metadata(target.join(&path)).unwrap().is_dir() {
+                        0o750
+                    } else {
+                        0o640
+                    }
+                })
+            }) else {
+                continue;
+            };
+            // SEND_FILE_LIST carries no modes, so the parallel method gives every file the
+            // cluster's mode; the one file the server keeps stricter here is the TLS key.
+            if method == "parallel" && path == "server.key" {
+                assert_eq!((m, w), (0o640, 0o600), "{method}: {path}");
+                continue;
+            }
+            assert_eq!(
+                m, w,
+                "{method}: mode of {path} is {m:o}, pg_basebackup gives {w:o}"
+            );
+            compared += 1;
+        }
+        assert!(compared > 900, "{method}: only {compared} entries compared");
+        c.pg_verifybackup(&target);
+    }
+}
+
+#[test]
+fn a_broken_wal_stream_says_it_was_the_wal_stream() {
+    let c = Cluster::new(Pg::V17);
+    c.pgbench_init(5);
+    let dir = scratch_dir();
+    let target = dir.path().join("backup");
+    // Rate-limited so the copy takes several seconds: time to end the WAL stream mid-way.
+    let child = pgpar()
+        .args([
+            "backup", "-c", "fast", "--method", "parallel", "-j", "2", "-r", "4M", "-D",
+        ])
+        .arg(&target)
+        .args(["-d", &c.conninfo("trust_user")])
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let deadline = Instant::now() + Duration::from_secs(60);
+    let pid = loop {
+        let pid = c.psql(
+            "SELECT pid FROM pg_stat_activity WHERE backend_type = 'walsender' \
+             AND query LIKE 'START_REPLICATION%';",
+        );
+        if !pid.trim().is_empty() {
+            break pid.trim().to_string();
+        }
+        assert!(
+            Instant::now() < deadline,
+            "no WAL stream started within 60 s"
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    };
+    c.psql(&format!("SELECT pg_terminate_backend({pid});"));
+    let out = child.wait_with_output().unwrap();
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(1), "{stderr}");
+    let error = stderr
+        .lines()
+        .find_map(|l| l.strip_prefix("pgpar: error: "))
+        .unwrap_or_else(|| panic!("no error line:\n{stderr}"));
+    assert!(error.starts_with("WAL stream: "), "{stderr}");
+    assert!(!target.exists(), "{} was left behind", target.display());
+}
