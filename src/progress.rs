@@ -68,11 +68,6 @@ impl Progress {
         self.0.done.fetch_max(n, Ordering::Relaxed);
     }
 
-    /// Sets the total.
-    pub fn set_total(&self, n: u64) {
-        self.0.total.store(n, Ordering::Relaxed);
-    }
-
     /// A worker started (+1) or stopped (-1) transferring.
     pub fn worker_active(&self, on: bool) {
         if on {

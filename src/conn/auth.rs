@@ -54,11 +54,16 @@ impl Connection {
         frontend::startup_message(params.iter().copied(), &mut self.wbuf).map_err(|e| {
             self.connect_err(format!("could not build startup message: {e}"), None, None)
         })?;
-        self.flush_w().await.map_err(|e| self.lift(e))?;
+        self.flush_writes()
+            .await
+            .map_err(|e| self.as_connect_error(e))?;
 
         let mut scram: Option<ScramSha256> = None;
         loop {
-            let msg = self.read_message().await.map_err(|e| self.lift(e))?;
+            let msg = self
+                .read_message()
+                .await
+                .map_err(|e| self.as_connect_error(e))?;
             match msg {
                 BackendMessage::Authentication { code, data } => {
                     self.authenticate(cfg, code, &data, endpoint.as_deref(), &mut scram)
@@ -144,7 +149,9 @@ impl Connection {
                 ))
             }
         }
-        self.flush_w().await.map_err(|e| self.lift(e))
+        self.flush_writes()
+            .await
+            .map_err(|e| self.as_connect_error(e))
     }
 
     fn send_password(&mut self, pw: &[u8]) -> Result<()> {
@@ -207,7 +214,7 @@ impl Connection {
     }
 
     /// Turns an I/O or protocol failure during startup into a connect error.
-    fn lift(&self, e: Error) -> Error {
+    fn as_connect_error(&self, e: Error) -> Error {
         match e {
             Error::Connect { .. } => e,
             other => self.connect_err(other.to_string(), None, None),

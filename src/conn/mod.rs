@@ -131,7 +131,6 @@ pub struct Connection {
     params: HashMap<String, String>,
     backend_pid: i32,
     tls: bool,
-    max_message: usize,
 }
 
 impl std::fmt::Debug for Connection {
@@ -230,7 +229,6 @@ impl Connection {
             params: HashMap::new(),
             backend_pid: 0,
             tls,
-            max_message: DEFAULT_MAX_MESSAGE,
         };
         match conn.startup(cfg, repl, endpoint).await {
             Ok(()) => Ok(conn),
@@ -268,12 +266,7 @@ impl Connection {
         self.backend_pid
     }
 
-    /// True when the session runs over TLS.
-    pub fn is_tls(&self) -> bool {
-        self.tls
-    }
-
-    async fn flush_w(&mut self) -> Result<()> {
+    async fn flush_writes(&mut self) -> Result<()> {
         if self.wbuf.is_empty() {
             return Ok(());
         }
@@ -295,7 +288,7 @@ impl Connection {
     /// Reads one backend message. Cancel-safe.
     async fn read_message(&mut self) -> Result<BackendMessage> {
         loop {
-            if let Some(m) = decode(&mut self.rbuf, self.max_message)? {
+            if let Some(m) = decode(&mut self.rbuf, DEFAULT_MAX_MESSAGE)? {
                 return Ok(m);
             }
             if self.rbuf.capacity() - self.rbuf.len() < READ_CHUNK / 4 {
@@ -331,7 +324,7 @@ impl Connection {
         }
         tracing::debug!(target: "pgpar::sql", conn = %self.target, "{}", redact(sql));
         frontend::query(sql, &mut self.wbuf).map_err(|e| Error::Protocol(e.to_string()))?;
-        self.flush_w().await?;
+        self.flush_writes().await?;
         self.state = State::Query;
         Ok(())
     }
@@ -489,24 +482,19 @@ impl Connection {
     /// Sends CopyDone.
     pub async fn send_copy_done(&mut self) -> Result<()> {
         frontend::copy_done(&mut self.wbuf);
-        self.flush_w().await
+        self.flush_writes().await
     }
 
     /// Flushes queued messages.
     pub async fn flush(&mut self) -> Result<()> {
-        self.flush_w().await
+        self.flush_writes().await
     }
 
     /// Sends Terminate and closes the socket; errors are ignored (we are leaving anyway).
     pub async fn close(mut self) {
         frontend::terminate(&mut self.wbuf);
-        let _ = self.flush_w().await;
+        let _ = self.flush_writes().await;
         let _ = self.stream.shutdown().await;
-    }
-
-    /// Sets a cap on the size of one backend message.
-    pub fn set_max_message(&mut self, bytes: usize) {
-        self.max_message = bytes;
     }
 }
 

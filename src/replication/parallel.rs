@@ -43,8 +43,6 @@ pub struct Tablespace {
     pub oid: Option<u32>,
     /// Location on the server.
     pub location: Option<String>,
-    /// Bytes of regular files (an estimate for progress).
-    pub size: u64,
 }
 
 /// START_BACKUP's answer.
@@ -58,8 +56,6 @@ pub struct StartInfo {
     pub backup_id: String,
     /// Contents of `backup_label`.
     pub backup_label: String,
-    /// Contents of `tablespace_map` (empty without tablespaces).
-    pub tablespace_map: String,
     /// Tablespaces, the main data directory last.
     pub tablespaces: Vec<Tablespace>,
 }
@@ -99,7 +95,6 @@ pub async fn start_backup(c: &mut Connection, label: &str, fast: bool) -> Result
                 .map(|r| Tablespace {
                     oid: r.get(0).and_then(|v| v.parse().ok()),
                     location: r.get(1).map(str::to_string),
-                    size: r.get(2).and_then(|v| v.parse().ok()).unwrap_or(0),
                 })
                 .collect()
         })
@@ -109,13 +104,8 @@ pub async fn start_backup(c: &mut Connection, label: &str, fast: bool) -> Result
         timeline: num(first, 1, "timeline")?,
         backup_id: text(first, 2, "backup_id")?,
         backup_label: text(first, 3, "backup_label")?,
-        tablespace_map: r_opt(first, 4),
         tablespaces,
     })
-}
-
-fn r_opt(r: &Row, i: usize) -> String {
-    r.get(i).unwrap_or_default().to_string()
 }
 
 /// Runs SEND_FILE_LIST, converting rows as they arrive (no raw rows are kept).

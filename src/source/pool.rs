@@ -315,7 +315,7 @@ fn retryable(e: &Error) -> bool {
 }
 
 /// The range being delivered.
-struct Current {
+struct InRange {
     index: usize,
     length: u64,
     got: u64,
@@ -328,7 +328,7 @@ pub struct Delivery<'a> {
     ranges: &'a [Range],
     writer: &'a Writer,
     done: usize,
-    cur: Option<Current>,
+    cur: Option<InRange>,
 }
 
 impl Delivery<'_> {
@@ -388,7 +388,7 @@ impl Delivery<'_> {
                 offset: r.offset,
             })
             .await?;
-        self.cur = Some(Current {
+        self.cur = Some(InRange {
             index,
             length,
             got: 0,
