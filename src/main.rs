@@ -5,6 +5,7 @@
 use std::path::PathBuf;
 use std::process::ExitCode;
 
+use clap::ValueEnum;
 use clap::{Args, Parser, Subcommand};
 use pgpar::conninfo::{ConnArgs, ConnConfig, ProcessEnv};
 use pgpar::manifest::ChecksumKind;
@@ -42,6 +43,53 @@ enum Cmd {
     Backup(Box<BackupArgs>),
 }
 
+/// `-c`.
+#[derive(Debug, Clone, Copy, ValueEnum)]
+enum CheckpointArg {
+    /// Checkpoint as fast as possible.
+    Fast,
+    /// Spread the checkpoint over checkpoint_completion_target (the server's default).
+    Spread,
+}
+
+/// `--method`.
+#[derive(Debug, Clone, Copy, ValueEnum)]
+enum MethodArg {
+    /// Parallel when the server offers it, else stream.
+    Auto,
+    /// BASE_BACKUP over one connection (any PostgreSQL 15 or later).
+    Stream,
+    /// START_BACKUP / SEND_FILES_CONTENT over --jobs connections (patched servers).
+    Parallel,
+}
+
+/// `-P`.
+#[derive(Debug, Clone, Copy, ValueEnum)]
+enum ProgressArg {
+    /// A progress bar on a terminal.
+    Bar,
+    /// One JSON object per line on stderr, for scripts.
+    Json,
+}
+
+/// `--manifest-checksums`.
+#[derive(Debug, Clone, Copy, ValueEnum)]
+#[value(rename_all = "UPPER")]
+enum ChecksumArg {
+    /// No checksum.
+    None,
+    /// CRC-32C (the default).
+    Crc32c,
+    /// SHA-224.
+    Sha224,
+    /// SHA-256.
+    Sha256,
+    /// SHA-384.
+    Sha384,
+    /// SHA-512.
+    Sha512,
+}
+
 /// Options of `pgpar backup`, named as pg_basebackup names them.
 #[derive(Args, Debug, Clone)]
 struct BackupArgs {
@@ -55,7 +103,7 @@ struct BackupArgs {
     label: String,
     /// Checkpoint mode.
     #[arg(short = 'c', long, value_enum, default_value = "spread")]
-    checkpoint: Checkpoint,
+    checkpoint: CheckpointArg,
     /// Do not wait for the backup to be written safely to disk.
     #[arg(short = 'N', long)]
     no_sync: bool,
@@ -64,10 +112,10 @@ struct BackupArgs {
     no_verify_checksums: bool,
     /// Show progress on stderr: a bar (-P), or JSON lines (--progress=json).
     #[arg(short = 'P', long, value_enum, num_args = 0..=1, require_equals = true, default_missing_value = "bar")]
-    progress: Option<ProgressMode>,
+    progress: Option<ProgressArg>,
     /// Checksum algorithm for files in the manifest.
     #[arg(long, value_enum, default_value = "CRC32C")]
-    manifest_checksums: ChecksumKind,
+    manifest_checksums: ChecksumArg,
     /// Relocate the tablespace in OLDDIR to NEWDIR (repeatable).
     #[arg(short = 'T', long = "tablespace-mapping", value_name = "OLDDIR=NEWDIR")]
     tablespace_mapping: Vec<String>,
@@ -79,7 +127,7 @@ struct BackupArgs {
     json: bool,
     /// Backup method.
     #[arg(long, value_enum, default_value = "auto")]
-    method: MethodChoice,
+    method: MethodArg,
     /// Worker connections for the parallel method.
     #[arg(short = 'j', long, default_value_t = 4)]
     jobs: usize,
@@ -105,14 +153,31 @@ impl BackupArgs {
         BackupRequest {
             pgdata: self.pgdata.clone(),
             label: self.label.clone(),
-            checkpoint: self.checkpoint,
+            checkpoint: match self.checkpoint {
+                CheckpointArg::Fast => Checkpoint::Fast,
+                CheckpointArg::Spread => Checkpoint::Spread,
+            },
             no_sync: self.no_sync,
             no_verify_checksums: self.no_verify_checksums,
-            progress: self.progress,
-            manifest_checksums: self.manifest_checksums,
+            progress: self.progress.map(|p| match p {
+                ProgressArg::Bar => ProgressMode::Bar,
+                ProgressArg::Json => ProgressMode::Json,
+            }),
+            manifest_checksums: match self.manifest_checksums {
+                ChecksumArg::None => ChecksumKind::None,
+                ChecksumArg::Crc32c => ChecksumKind::Crc32c,
+                ChecksumArg::Sha224 => ChecksumKind::Sha224,
+                ChecksumArg::Sha256 => ChecksumKind::Sha256,
+                ChecksumArg::Sha384 => ChecksumKind::Sha384,
+                ChecksumArg::Sha512 => ChecksumKind::Sha512,
+            },
             tablespace_mapping: self.tablespace_mapping.clone(),
             no_clean: self.no_clean,
-            method: self.method,
+            method: match self.method {
+                MethodArg::Auto => MethodChoice::Auto,
+                MethodArg::Stream => MethodChoice::Stream,
+                MethodArg::Parallel => MethodChoice::Parallel,
+            },
             jobs: self.jobs,
             chunk_size: self.chunk_size.clone(),
             write_recovery_conf: self.write_recovery_conf,

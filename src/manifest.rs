@@ -8,8 +8,7 @@ use sha2::{Digest, Sha256};
 use crate::lsn::Lsn;
 
 /// Per-file checksum algorithms, as the manifest (and `--manifest-checksums`) names them.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
-#[value(rename_all = "UPPER")]
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum ChecksumKind {
     /// No checksum.
     None,

@@ -13,7 +13,7 @@ use crate::replication;
 use crate::sink::plain::TablespaceMap;
 
 /// `-c`.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Checkpoint {
     /// Checkpoint as fast as possible.
     Fast,
@@ -32,7 +32,7 @@ impl Checkpoint {
 }
 
 /// `--method`: what the user asked for (the session resolves it to a [`Method`]).
-#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum MethodChoice {
     /// Parallel when the server offers it, else stream.
     Auto,
