@@ -644,8 +644,9 @@ fn prepare_tablespaces(
             continue;
         }
         let d = s.opts.map.map(loc);
+        // Still a usage error; the exit code says server work had begun (see Failure).
         let created = prepare_empty_dir(&d, "tablespace directory").map_err(|e| match e {
-            Error::Usage(m) => Error::Failed(format!(
+            Error::Usage(m) => Error::Usage(format!(
                 "{m}: map the tablespace elsewhere with -T {}=NEWDIR",
                 t.location
             )),
@@ -738,5 +739,35 @@ impl WalHandle {
             .await
             .map_err(|e| Error::Failed(format!("WAL stream: task failed: {e}")))?
             .map_err(|e| e.context("WAL stream"))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn exit_codes_follow_whether_server_work_began() {
+        let usage = |began| Failure {
+            error: Error::Usage("tablespace directory \"/x\" exists but is not empty".into()),
+            server_work_began: began,
+        };
+        assert_eq!(usage(false).exit_code(), 2);
+        assert_eq!(usage(true).exit_code(), 1);
+        let connect = Failure {
+            error: Error::Connect {
+                target: "db1:5432".into(),
+                reason: "refused".into(),
+                sqlstate: None,
+                hint: None,
+            },
+            server_work_began: true,
+        };
+        assert_eq!(connect.exit_code(), 3);
+        assert_eq!(
+            map_escape("/srv/a\\b\nc"),
+            "/srv/a\\\\b\\\nc",
+            "tablespace_map escapes as the server does"
+        );
     }
 }
