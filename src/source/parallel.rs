@@ -260,7 +260,13 @@ fn collect(
             sink.remove(id)?;
             continue;
         }
-        let size = o.real_length.unwrap_or(f.size);
+        let size = match o.real_length {
+            Some(len) => {
+                sink.set_len(id, len)?;
+                len
+            }
+            None => f.size,
+        };
         manifest.push(ManifestFile {
             path: f.path.clone(),
             size,
