@@ -12,7 +12,7 @@ use std::time::Duration;
 
 use tokio::sync::watch;
 
-use crate::conn::{Connection, Event};
+use crate::conn::{describe, Connection, Event};
 use crate::error::{Error, Result};
 use crate::lsn::Lsn;
 use crate::protocol::walstream::{parse_repl, status_update, ReplMessage};
@@ -151,7 +151,8 @@ pub async fn stream(
         Some(Event::CopyBothStart) => {}
         other => {
             return Err(Error::Protocol(format!(
-                "START_REPLICATION answered with {other:?}"
+                "START_REPLICATION answered with {}",
+                describe(other.as_ref())
             )))
         }
     }
@@ -185,8 +186,10 @@ pub async fn stream(
                     },
                     other => {
                         return Err(Error::Failed(format!(
-                            "WAL streaming ended at {} before the backup's end ({:?}); the server said {other:?}",
-                            w.written, end_lsn
+                            "WAL streaming ended at {} before the backup's end{}: the server sent {}",
+                            w.written,
+                            end_lsn.map(|e| format!(" at {e}")).unwrap_or_default(),
+                            describe(other.as_ref())
                         )))
                     }
                 }

@@ -60,6 +60,28 @@ pub enum Event {
     CopyDone,
 }
 
+/// Names what arrived, as the protocol calls it, for messages (never the bytes).
+impl std::fmt::Display for Event {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Event::RowDescription(_) => write!(f, "a result set (RowDescription)"),
+            Event::DataRow(_) => write!(f, "a data row"),
+            Event::CommandComplete(tag) => write!(f, "CommandComplete \"{tag}\""),
+            Event::EmptyQuery => write!(f, "EmptyQueryResponse"),
+            Event::CopyOutStart => write!(f, "CopyOutResponse"),
+            Event::CopyBothStart => write!(f, "CopyBothResponse"),
+            Event::CopyInStart => write!(f, "CopyInResponse"),
+            Event::CopyData(d) => write!(f, "CopyData ({} bytes)", d.len()),
+            Event::CopyDone => write!(f, "CopyDone"),
+        }
+    }
+}
+
+/// What arrived, or the end of the response, for messages.
+pub fn describe(ev: Option<&Event>) -> String {
+    ev.map_or_else(|| "the end of the response".to_string(), Event::to_string)
+}
+
 /// A data row; values are text (the simple query protocol), `None` for NULL.
 #[derive(Debug, Clone, PartialEq, Default)]
 pub struct Row(pub Vec<Option<Bytes>>);
@@ -440,7 +462,7 @@ impl Connection {
                 Event::EmptyQuery => {}
                 other => {
                     return Err(Error::Protocol(format!(
-                        "unexpected {other:?} in response to \"{}\"",
+                        "unexpected {other} in response to \"{}\"",
                         redact(sql)
                     )))
                 }

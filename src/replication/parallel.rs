@@ -129,7 +129,8 @@ pub async fn send_file_list(c: &mut Connection, backup_id: &str) -> Result<Vec<F
                     Some("l") => FileKind::Link,
                     other => {
                         return Err(Error::Protocol(format!(
-                            "SEND_FILE_LIST: unknown type {other:?}"
+                            "SEND_FILE_LIST: unknown type \"{}\"",
+                            other.unwrap_or("NULL")
                         )))
                     }
                 };
@@ -145,7 +146,7 @@ pub async fn send_file_list(c: &mut Connection, backup_id: &str) -> Result<Vec<F
             Event::RowDescription(_) | Event::CommandComplete(_) => {}
             other => {
                 return Err(Error::Protocol(format!(
-                    "unexpected {other:?} from SEND_FILE_LIST"
+                    "unexpected {other} from SEND_FILE_LIST"
                 )))
             }
         }

@@ -154,7 +154,7 @@ async fn fetch_content(
             Event::CopyOutStart | Event::CopyDone | Event::CommandComplete(_) => {}
             other => {
                 return Err(Error::Protocol(format!(
-                    "unexpected {other:?} from SEND_FILES_CONTENT"
+                    "unexpected {other} from SEND_FILES_CONTENT"
                 )))
             }
         }

@@ -58,7 +58,7 @@ async fn read_sets(c: &mut Connection, until_copy: bool) -> Result<Vec<ResultSet
             Some(Event::CopyOutStart) if until_copy => return Ok(sets),
             Some(other) => {
                 return Err(Error::Protocol(format!(
-                    "unexpected {other:?} from BASE_BACKUP"
+                    "unexpected {other} from BASE_BACKUP"
                 )))
             }
             None if until_copy => {
@@ -160,7 +160,7 @@ impl Source for StreamSource {
                     Some(Event::CopyDone) => return Ok(()),
                     Some(other) => {
                         return Err(Error::Protocol(format!(
-                            "unexpected {other:?} in the backup stream"
+                            "unexpected {other} in the backup stream"
                         )))
                     }
                     None => {
