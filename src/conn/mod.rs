@@ -95,6 +95,19 @@ impl Row {
             .and_then(|b| std::str::from_utf8(b).ok())
     }
 
+    /// Column `i` as text, or a protocol error naming `what` when it is NULL or missing.
+    pub fn text(&self, i: usize, what: &str) -> Result<&str> {
+        self.get(i)
+            .ok_or_else(|| Error::Protocol(format!("the server sent no {what}")))
+    }
+
+    /// Column `i` parsed, or a protocol error naming `what` and the value.
+    pub fn parse<T: std::str::FromStr>(&self, i: usize, what: &str) -> Result<T> {
+        let v = self.text(i, what)?;
+        v.parse()
+            .map_err(|_| Error::Protocol(format!("the server sent an invalid {what} \"{v}\"")))
+    }
+
     /// Column `i` as raw bytes.
     pub fn get_bytes(&self, i: usize) -> Option<&Bytes> {
         self.0.get(i)?.as_ref()

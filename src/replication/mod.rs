@@ -6,7 +6,7 @@
 
 pub mod parallel;
 
-use crate::conn::{Connection, ResultSet};
+use crate::conn::{Connection, Event, ResultSet, Row};
 use crate::error::{Error, Result};
 use crate::lsn::Lsn;
 use crate::protocol::sqlstate;
@@ -171,6 +171,105 @@ impl BaseBackup<'_> {
             opts.push(format!("MAX_RATE {r}"));
         }
         format!("BASE_BACKUP ({})", opts.join(", "))
+    }
+}
+
+/// A tablespace row of BASE_BACKUP's first answer.
+#[derive(Debug, Clone)]
+pub struct BaseBackupTablespace {
+    /// OID, `None` for the main data directory.
+    pub oid: Option<u32>,
+    /// Location on the server (absolute, or relative for an in-place tablespace).
+    pub location: Option<String>,
+    /// Estimated size in kB (with PROGRESS).
+    pub size_kb: u64,
+}
+
+/// BASE_BACKUP's first answer, before the archives.
+#[derive(Debug, Clone)]
+pub struct BaseBackupStart {
+    /// Start LSN.
+    pub start_lsn: Lsn,
+    /// Its timeline.
+    pub timeline: u32,
+    /// The tablespaces, the main data directory among them.
+    pub tablespaces: Vec<BaseBackupTablespace>,
+}
+
+impl BaseBackup<'_> {
+    /// Sends the command and reads its first answer; the archives follow as CopyData.
+    pub async fn start(&self, c: &mut Connection) -> Result<BaseBackupStart> {
+        c.start_query(&self.command())
+            .await
+            .map_err(|e| e.context("BASE_BACKUP failed"))?;
+        let sets = read_sets(c, true)
+            .await
+            .map_err(|e| e.context("could not start the backup"))?;
+        let start = first_row(sets.first(), "start position")?;
+        let tablespaces = sets
+            .get(1)
+            .map(|s| s.rows.as_slice())
+            .unwrap_or_default()
+            .iter()
+            .map(|r| BaseBackupTablespace {
+                oid: r.get(0).and_then(|v| v.parse().ok()),
+                location: r.get(1).map(str::to_string),
+                size_kb: r.get(2).and_then(|v| v.parse().ok()).unwrap_or(0),
+            })
+            .collect();
+        Ok(BaseBackupStart {
+            start_lsn: start.parse(0, "start LSN")?,
+            timeline: start.parse(1, "timeline")?,
+            tablespaces,
+        })
+    }
+}
+
+/// Reads BASE_BACKUP's last answer, after the archives and the manifest: the end LSN.
+pub async fn base_backup_end(c: &mut Connection) -> Result<Lsn> {
+    let sets = read_sets(c, false)
+        .await
+        .map_err(|e| e.context("the backup did not end cleanly"))?;
+    first_row(sets.iter().find(|s| !s.columns.is_empty()), "end position")?.parse(0, "end LSN")
+}
+
+fn first_row<'a>(set: Option<&'a ResultSet>, what: &str) -> Result<&'a Row> {
+    set.and_then(|s| s.rows.first())
+        .ok_or_else(|| Error::Protocol(format!("BASE_BACKUP sent no {what}")))
+}
+
+/// Reads result sets until the next copy starts (or the command ends).
+async fn read_sets(c: &mut Connection, until_copy: bool) -> Result<Vec<ResultSet>> {
+    let mut sets: Vec<ResultSet> = Vec::new();
+    loop {
+        match c.next_event().await? {
+            Some(Event::RowDescription(columns)) => sets.push(ResultSet {
+                columns,
+                ..Default::default()
+            }),
+            Some(Event::DataRow(r)) => sets
+                .last_mut()
+                .ok_or_else(|| Error::Protocol("DataRow without RowDescription".into()))?
+                .rows
+                .push(r),
+            Some(Event::CommandComplete(t)) => {
+                if let Some(s) = sets.last_mut() {
+                    s.tag = t;
+                }
+            }
+            Some(Event::CopyOutStart) if until_copy => return Ok(sets),
+            Some(other) => {
+                return Err(Error::Protocol(format!(
+                    "unexpected {other} from BASE_BACKUP"
+                )))
+            }
+            None if until_copy => {
+                return Err(Error::Protocol(
+                    "BASE_BACKUP ended without sending data".into(),
+                ))
+            }
+            None => return Ok(sets),
+        }
     }
 }
 

@@ -4,7 +4,7 @@
 //! codec: [`crate::protocol::files_content`].
 
 use super::quote_literal;
-use crate::conn::{Connection, Event, Row};
+use crate::conn::{Connection, Event};
 use crate::error::{Error, Result};
 use crate::lsn::Lsn;
 
@@ -60,18 +60,6 @@ pub struct StartInfo {
     pub tablespaces: Vec<Tablespace>,
 }
 
-fn text(r: &Row, i: usize, what: &str) -> Result<String> {
-    r.get(i)
-        .map(str::to_string)
-        .ok_or_else(|| Error::Protocol(format!("missing {what}")))
-}
-
-fn num<T: std::str::FromStr>(r: &Row, i: usize, what: &str) -> Result<T> {
-    r.get(i)
-        .and_then(|v| v.parse().ok())
-        .ok_or_else(|| Error::Protocol(format!("missing or invalid {what}")))
-}
-
 /// Runs START_BACKUP on the leader.
 pub async fn start_backup(c: &mut Connection, label: &str, fast: bool) -> Result<StartInfo> {
     let cmd = format!(
@@ -100,10 +88,10 @@ pub async fn start_backup(c: &mut Connection, label: &str, fast: bool) -> Result
         })
         .unwrap_or_default();
     Ok(StartInfo {
-        start_lsn: text(first, 0, "start_lsn")?.parse()?,
-        timeline: num(first, 1, "timeline")?,
-        backup_id: text(first, 2, "backup_id")?,
-        backup_label: text(first, 3, "backup_label")?,
+        start_lsn: first.parse(0, "start_lsn")?,
+        timeline: first.parse(1, "timeline")?,
+        backup_id: first.text(2, "backup_id")?.to_string(),
+        backup_label: first.text(3, "backup_label")?.to_string(),
         tablespaces,
     })
 }
@@ -135,10 +123,10 @@ pub async fn send_file_list(c: &mut Connection, backup_id: &str) -> Result<Vec<F
                     }
                 };
                 out.push(FileEntry {
-                    path: text(&r, 0, "path")?,
+                    path: r.text(0, "path")?.to_string(),
                     kind,
-                    size: num(&r, 2, "size")?,
-                    mtime: num(&r, 3, "mtime")?,
+                    size: r.parse(2, "size")?,
+                    mtime: r.parse(3, "mtime")?,
                     link_target: r.get(4).map(str::to_string),
                     spcoid: r.get(5).and_then(|v| v.parse().ok()),
                 });
@@ -178,10 +166,7 @@ pub async fn stop_backup(c: &mut Connection, backup_label: &str) -> Result<(Lsn,
         .query_one(&cmd)
         .await
         .map_err(|e| e.context("STOP_BACKUP failed"))?;
-    Ok((
-        text(&row, 0, "stop_lsn")?.parse()?,
-        num(&row, 1, "timeline")?,
-    ))
+    Ok((row.parse(0, "stop_lsn")?, row.parse(1, "timeline")?))
 }
 
 #[cfg(test)]

@@ -9,13 +9,13 @@ use std::sync::Arc;
 
 use tokio::sync::mpsc;
 
-use crate::conn::{Connection, Event, ResultSet, Row};
+use crate::conn::{Connection, Event};
 use crate::error::{Error, Result};
 use crate::lsn::Lsn;
 use crate::options::Method;
 use crate::protocol::basebackup::{self, StreamMessage};
 use crate::protocol::tar::{EntryKind, TarEvent, TarParser};
-use crate::replication::BaseBackup;
+use crate::replication::{base_backup_end, BaseBackup};
 use crate::session::{Copied, ManifestPart, Session, Source, Started, Tablespace};
 use crate::sink::dir::PlainDir;
 use crate::sink::seam::{Entry, FileWriter, Kind, Root, Sink};
@@ -31,46 +31,6 @@ pub(crate) struct StreamSource {
     tablespaces: Vec<Tablespace>,
 }
 
-fn first_row<'a>(set: Option<&'a ResultSet>, what: &str) -> Result<&'a Row> {
-    set.and_then(|s| s.rows.first())
-        .ok_or_else(|| Error::Protocol(format!("BASE_BACKUP sent no {what}")))
-}
-
-/// Reads result sets until the next copy starts (or the command ends).
-async fn read_sets(c: &mut Connection, until_copy: bool) -> Result<Vec<ResultSet>> {
-    let mut sets: Vec<ResultSet> = Vec::new();
-    loop {
-        match c.next_event().await? {
-            Some(Event::RowDescription(columns)) => sets.push(ResultSet {
-                columns,
-                ..Default::default()
-            }),
-            Some(Event::DataRow(r)) => sets
-                .last_mut()
-                .ok_or_else(|| Error::Protocol("DataRow without RowDescription".into()))?
-                .rows
-                .push(r),
-            Some(Event::CommandComplete(t)) => {
-                if let Some(s) = sets.last_mut() {
-                    s.tag = t;
-                }
-            }
-            Some(Event::CopyOutStart) if until_copy => return Ok(sets),
-            Some(other) => {
-                return Err(Error::Protocol(format!(
-                    "unexpected {other} from BASE_BACKUP"
-                )))
-            }
-            None if until_copy => {
-                return Err(Error::Protocol(
-                    "BASE_BACKUP ended without sending data".into(),
-                ))
-            }
-            None => return Ok(sets),
-        }
-    }
-}
-
 impl Source for StreamSource {
     const METHOD: Method = Method::Stream;
 
@@ -80,45 +40,28 @@ impl Source for StreamSource {
             s.opts.checkpoint.name(),
             leader.target()
         ));
-        let cmd = BaseBackup {
+        let begun = BaseBackup {
             label: &s.opts.label,
             checkpoint: s.opts.checkpoint.name(),
             manifest_checksums: s.opts.manifest_checksums.name(),
             verify_checksums: s.opts.verify_checksums,
             max_rate_kb: s.opts.max_rate.map(|r| r / 1024),
         }
-        .command();
-        leader
-            .start_query(&cmd)
-            .await
-            .map_err(|e| e.context("BASE_BACKUP failed"))?;
-        let sets = read_sets(leader, true)
-            .await
-            .map_err(|e| e.context("could not start the backup"))?;
-        let start_row = first_row(sets.first(), "start position")?;
-        let start_lsn: Lsn = start_row
-            .get(0)
-            .ok_or_else(|| Error::Protocol("BASE_BACKUP sent no start LSN".into()))?
-            .parse()?;
-        self.timeline = start_row
-            .get(1)
-            .and_then(|t| t.parse().ok())
-            .ok_or_else(|| Error::Protocol("BASE_BACKUP sent no timeline".into()))?;
-        let ts_rows = sets.get(1).map(|s| s.rows.as_slice()).unwrap_or_default();
-        self.total = ts_rows
+        .start(leader)
+        .await?;
+        self.timeline = begun.timeline;
+        self.total = begun.tablespaces.iter().map(|t| t.size_kb).sum::<u64>() * 1024;
+        self.tablespaces = begun
+            .tablespaces
             .iter()
-            .filter_map(|r| r.get(2)?.parse::<u64>().ok())
-            .sum::<u64>()
-            * 1024;
-        self.tablespaces = ts_rows
-            .iter()
-            .filter_map(|r| {
+            .filter_map(|t| {
                 Some(Tablespace {
-                    oid: r.get(0)?.parse().ok()?,
-                    location: r.get(1)?.to_string(),
+                    oid: t.oid?,
+                    location: t.location.clone()?,
                 })
             })
             .collect();
+        let start_lsn = begun.start_lsn;
         Ok(Started {
             start_lsn,
             timeline: self.timeline,
@@ -193,17 +136,7 @@ impl Source for StreamSource {
     }
 
     async fn stop(&mut self, _s: &Session<'_>, leader: &mut Connection) -> Result<(Lsn, u32)> {
-        let end_sets = read_sets(leader, false)
-            .await
-            .map_err(|e| e.context("the backup did not end cleanly"))?;
-        let end_row = first_row(
-            end_sets.iter().find(|s| !s.columns.is_empty()),
-            "end position",
-        )?;
-        let stop: Lsn = end_row
-            .get(0)
-            .ok_or_else(|| Error::Protocol("BASE_BACKUP sent no end LSN".into()))?
-            .parse()?;
+        let stop = base_backup_end(leader).await?;
         Ok((stop, self.timeline))
     }
 }
