@@ -222,3 +222,91 @@ fn a_broken_wal_stream_says_it_was_the_wal_stream() {
     assert!(error.starts_with("WAL stream: "), "{stderr}");
     assert!(!target.exists(), "{} was left behind", target.display());
 }
+
+#[test]
+fn in_place_tablespaces_are_copied_inside_the_backup_by_both_methods() {
+    let c = Cluster::new(Pg::V17);
+    // pgpar runs from a directory of its own: nothing may be resolved against it.
+    let cwd = scratch_dir();
+    // In postgresql.auto.conf, so that the restored copy accepts the directory too.
+    c.psql("ALTER SYSTEM SET allow_in_place_tablespaces = on;");
+    c.psql("SELECT pg_reload_conf();");
+    c.psql(
+        "SET allow_in_place_tablespaces = on;
+         CREATE TABLESPACE inplace LOCATION '';
+         CREATE TABLE t TABLESPACE inplace AS SELECT generate_series(1, 5000) g;
+         CHECKPOINT;",
+    );
+    let oid = c
+        .psql("SELECT oid FROM pg_tablespace WHERE spcname = 'inplace';")
+        .trim()
+        .to_string();
+    let dir = scratch_dir();
+    for method in ["stream", "parallel"] {
+        let target = dir.path().join(method);
+        let out = run(pgpar()
+            .current_dir(cwd.path())
+            .args(["backup", "-c", "fast", "--method", method, "-D"])
+            .arg(&target)
+            .args(["-d", &c.conninfo("trust_user")]));
+        out.assert_success();
+        let ts = target.join("pg_tblspc").join(&oid);
+        let m = fs::symlink_metadata(&ts).unwrap();
+        assert!(
+            m.is_dir(),
+            "{method}: pg_tblspc/{oid} is not a directory in the backup"
+        );
+        assert!(walk(&ts).len() > 2, "{method}: pg_tblspc/{oid} is empty");
+        assert!(
+            fs::read_dir(cwd.path()).unwrap().next().is_none(),
+            "{method}: something was written into the working directory"
+        );
+        c.pg_verifybackup(&target);
+        let copy = c.start_backup_copy(&target);
+        assert_eq!(
+            copy.psql("SELECT sum(g) FROM t;").trim(),
+            "12502500",
+            "{method}"
+        );
+    }
+}
+
+#[test]
+fn backup_label_is_written_before_the_first_data_file() {
+    let c = Cluster::new(Pg::V17);
+    c.pgbench_init(5);
+    let dir = scratch_dir();
+    let target = dir.path().join("backup");
+    // Rate-limited, interrupted once data flows, files kept: the label must be there.
+    let child = pgpar()
+        .args([
+            "backup", "-c", "fast", "--method", "parallel", "-j", "2", "-r", "4M", "-n", "-D",
+        ])
+        .arg(&target)
+        .args(["-d", &c.conninfo("trust_user")])
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let deadline = Instant::now() + Duration::from_secs(60);
+    while c
+        .psql(
+            "SELECT count(*) FROM pg_stat_activity WHERE backend_type = 'walsender' \
+             AND query LIKE 'SEND_FILES_CONTENT%';",
+        )
+        .trim()
+        == "0"
+    {
+        assert!(Instant::now() < deadline, "no worker started within 60 s");
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    run_ok(Command::new("kill").args(["-INT", &child.id().to_string()]));
+    let out = child.wait_with_output().unwrap();
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(1), "{stderr}");
+    assert!(stderr.contains("interrupted by SIGINT"), "{stderr}");
+    assert!(!target.join("backup_manifest").exists(), "{stderr}");
+    let label = fs::read_to_string(target.join("backup_label"))
+        .unwrap_or_else(|e| panic!("no backup_label in the interrupted copy ({e}):\n{stderr}"));
+    assert!(label.starts_with("START WAL LOCATION:"), "{label}");
+}
