@@ -8,9 +8,8 @@
 
 SHELL := /bin/bash
 CARGO ?= cargo
-# Where the patched PostgreSQL 17 build is cached, keyed inside by source version and patch hash.
-PGPAR_CACHE ?= $(HOME)/.cache/pgpar
-export PGPAR_CACHE
+# The patched PostgreSQL 17 build is cached in $PGPAR_CACHE, keyed inside by source version and
+# patch hash; pg-patches/build.sh alone decides the default (/var/cache/pgpar as root).
 PG15_BINDIR ?= /usr/lib/postgresql/15/bin
 
 .PHONY: all build deps postgres pg-bindir test demo bench lint unit clean
@@ -35,14 +34,20 @@ lint:
 	$(CARGO) fmt --all -- --check
 	$(CARGO) clippy --all-targets -- -D warnings
 
+# server-access.sh: one clear line, before the suite, when the servers' OS user cannot run the
+# binaries or enter the scratch directories the tests give it.
 test: deps postgres lint
+	bash tests/scripts/server-access.sh "$$(bash pg-patches/build.sh bindir)/initdb" \
+	  $(PG15_BINDIR)/initdb "$${TMPDIR:-/tmp}"
 	PGPAR_PG15_BINDIR=$(PG15_BINDIR) PGPAR_PG17_BINDIR="$$(bash pg-patches/build.sh bindir)" \
 	  $(CARGO) test --all-targets -- --test-threads=$${PGPAR_TEST_THREADS:-4}
 
 demo: deps build
+	@bash tests/scripts/server-access.sh $(PG15_BINDIR)/initdb /tmp
 	@PG15_BINDIR=$(PG15_BINDIR) bash tests/scripts/demo.sh
 
 bench: deps postgres build
+	@bash tests/scripts/server-access.sh "$$(bash pg-patches/build.sh bindir)/initdb" $(PG15_BINDIR)/initdb
 	@PG15_BINDIR=$(PG15_BINDIR) PG17_BINDIR="$$(bash pg-patches/build.sh bindir)" bash bench/run.sh
 
 clean:

@@ -31,6 +31,8 @@ if [ "$(id -u)" = 0 ]; then
   chown postgres "$work"
   as_pg=(runuser -u postgres --)
 fi
+# A BENCH_DIR under a 0700 home would fail at initdb: say so in one line instead.
+bash "$(dirname "$0")/../tests/scripts/server-access.sh" "$work"
 port=$(( 20000 + RANDOM % 20000 ))
 data=$work/data
 sock=$work

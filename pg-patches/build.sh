@@ -8,7 +8,8 @@
 #   bash pg-patches/build.sh srcdir   print the patched build tree (for make check)
 #   bash pg-patches/build.sh hash     print the patch series hash
 #
-# Layout under $PGPAR_CACHE (default $HOME/.cache/pgpar):
+# Layout under $PGPAR_CACHE (default: /var/cache/pgpar as root, else
+# ${XDG_CACHE_HOME:-$HOME/.cache}/pgpar; see default_cache below):
 #   apt-trixie/                 private apt configuration and lists (system apt untouched)
 #   pg17/src/<version>/         downloaded source package + pristine upstream tree
 #   pg17/<version>-<hash>/      build tree (build/) and installation (install/)
@@ -24,7 +25,17 @@ set -euo pipefail
 
 here=$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)
 PATCHDIR="$here/17"
-CACHE="${PGPAR_CACHE:-$HOME/.cache/pgpar}"
+# As root the servers run as the `postgres` OS user, which must reach the binaries: a cache in
+# root's home (mode 0700 on Debian) would not do, so root's default is /var/cache/pgpar. Any
+# other user runs the servers as itself, so its own cache directory is fine whatever its mode.
+default_cache() {
+    if [ "$(id -u)" = 0 ]; then
+        echo /var/cache/pgpar
+    else
+        echo "${XDG_CACHE_HOME:-$HOME/.cache}/pgpar"
+    fi
+}
+CACHE="${PGPAR_CACHE:-$(default_cache)}"
 PGROOT="$CACHE/pg17"
 APTDIR="$CACHE/apt-trixie"
 JOBS="${PGPAR_MAKE_JOBS:-3}"
@@ -186,10 +197,15 @@ cmd_build() {
         (cd "$work/build" && make -s install >>"$work/make.log" 2>&1 \
             && make -s -C contrib/amcheck install >>"$work/make.log" 2>&1) \
             || { tail -30 "$work/make.log" >&2; die "install failed (log: $work/make.log)"; }
+        # Whatever the umask, the servers' OS user must read and execute the installation.
+        chmod -R go+rX "$prefix"
         touch "$prefix/.complete"
         log "built $key in $((SECONDS - t0)) s"
     fi
     mkdir -p "$PGROOT/by-patch"
+    # The directories on the way to the installation must be searchable by the servers' user.
+    chmod go+rx "$CACHE" "$PGROOT" "$work"
+    bash "$here/../tests/scripts/server-access.sh" "$prefix/bin/initdb"
     printf '%s\n' "$prefix" > "$PGROOT/by-patch/$hash.tmp"
     mv "$PGROOT/by-patch/$hash.tmp" "$PGROOT/by-patch/$hash"
     log "installed in $prefix"

@@ -97,8 +97,34 @@ impl Pg {
             dir.display(),
             self.major()
         );
+        server_user_can_run(&dir.join("initdb"));
         dir
     }
+}
+
+/// Panic with one clear line (the same one `make test` prints before the suite) unless the
+/// servers' OS user can execute `program`: as root the servers run as `postgres`, and a build
+/// under a 0700 home (Debian's /root) would otherwise fail every test with "Permission denied".
+/// Checked once per program.
+fn server_user_can_run(program: &Path) {
+    static CHECKED: OnceLock<Mutex<HashSet<PathBuf>>> = OnceLock::new();
+    let checked = CHECKED.get_or_init(Default::default);
+    if checked.lock().unwrap().contains(program) {
+        return;
+    }
+    let script = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/scripts/server-access.sh");
+    let out = Command::new("bash")
+        .arg(&script)
+        .arg(program)
+        .stdin(Stdio::null())
+        .output()
+        .unwrap_or_else(|e| panic!("could not run {}: {e}", script.display()));
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr).trim()
+    );
+    checked.lock().unwrap().insert(program.to_path_buf());
 }
 
 /// True when the tests run as root, so server-side commands must run as `postgres`.

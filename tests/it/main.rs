@@ -18,3 +18,4 @@ mod fixture;
 mod parallel;
 mod patch;
 mod pipeline;
+mod setup;
