@@ -61,5 +61,8 @@ fn server_access_refuses_a_missing_path() {
     let missing = top.path().join("no-such-bindir/initdb");
     let (ok, err) = server_access(&missing);
     assert!(!ok);
-    assert!(err.contains(&format!("{} does not exist", missing.display())), "{err}");
+    assert!(
+        err.contains(&format!("{} does not exist", missing.display())),
+        "{err}"
+    );
 }
