@@ -772,3 +772,121 @@ async fn corrupted_page_reported_in_trailer() {
 
     stop_backup(&mut leader, &started.label).await;
 }
+
+/// A walsender connected to a database (`replication=database`) runs SQL too. There
+/// START_BACKUP used to set the session's backup status without pg_backup_stop()'s state,
+/// and `SELECT pg_backup_stop(false)` then crashed the backend in do_pg_backup_stop() — the
+/// postmaster restarted every backend. The parallel commands are refused on such a
+/// connection (0A000), and pg_backup_stop() answers "not in progress" (55000). The role is
+/// the documented non-superuser set-up: LOGIN REPLICATION with EXECUTE on pg_backup_stop.
+#[tokio::test]
+async fn refused_on_database_walsender() {
+    let c = Cluster::new(Pg::V17);
+    c.psql("GRANT EXECUTE ON FUNCTION pg_backup_stop(boolean) TO trust_user");
+    let cfg = ConnConfig::parse(&format!(
+        "{} dbname=postgres",
+        c.socket_conninfo("trust_user")
+    ))
+    .expect("conninfo");
+    let started_at = |sets: Vec<ResultSet>| sets[0].rows[0].get(0).unwrap().to_string();
+    let mut plain = Connection::connect(&cfg, Replication::None)
+        .await
+        .expect("SQL connection");
+    let postmaster_start = started_at(
+        plain
+            .simple_query("SELECT pg_postmaster_start_time()")
+            .await
+            .expect("pg_postmaster_start_time()"),
+    );
+
+    let mut db = Connection::connect(&cfg, Replication::Database)
+        .await
+        .expect("replication=database connection");
+    // The sequence that crashed; whether the server survived is checked before the answers,
+    // so that a crash is reported as one.
+    let start = db
+        .simple_query("START_BACKUP (LABEL 'on a database walsender')")
+        .await;
+    let stop = db.simple_query("SELECT pg_backup_stop(false)").await;
+    let now = started_at(
+        plain
+            .simple_query("SELECT pg_postmaster_start_time()")
+            .await
+            .unwrap_or_else(|e| {
+                panic!(
+                    "the SQL connection opened first was lost ({e}); server log:\n{}",
+                    c.server_log()
+                )
+            }),
+    );
+    assert_eq!(now, postmaster_start, "the server restarted");
+    let sqlstate = |r: Result<Vec<ResultSet>, pgpar::Error>| match r {
+        Ok(sets) => panic!("succeeded: {sets:?}"),
+        Err(e) => e
+            .sqlstate()
+            .unwrap_or_else(|| panic!("no SQLSTATE in {e}"))
+            .to_string(),
+    };
+    assert_eq!(sqlstate(start), "0A000", "START_BACKUP");
+    assert_eq!(sqlstate(stop), "55000", "pg_backup_stop(false)");
+
+    // The other commands are refused there too, even naming a backup that a physical
+    // leader is running; the refusals do not touch that backup.
+    let mut leader = repl(&c).await;
+    let started = start_backup(&mut leader, "physical leader").await;
+    assert_eq!(
+        sqlstate_of(
+            &mut db,
+            &format!("SEND_FILE_LIST (BACKUP_ID {})", lit(&started.backup_id))
+        )
+        .await,
+        "0A000"
+    );
+    assert_eq!(
+        refused(&mut db, &started.backup_id, "PG_VERSION").await,
+        "0A000"
+    );
+    assert_eq!(
+        sqlstate_of(
+            &mut db,
+            &format!(
+                "STOP_BACKUP (BACKUP_LABEL {}, WAIT_FOR_ARCHIVE false)",
+                lit(&started.label)
+            )
+        )
+        .await,
+        "0A000"
+    );
+    assert_eq!(
+        sqlstate_of(&mut db, "SELECT pg_backup_stop(false)").await,
+        "55000"
+    );
+    let mut worker = repl(&c).await;
+    let got = fetch(
+        &mut worker,
+        &started.backup_id,
+        &[("PG_VERSION", None)],
+        true,
+    )
+    .await;
+    assert_eq!(got[0].data, b"17\n");
+    stop_backup(&mut leader, &started.label).await;
+
+    // Nothing crashed: the connection opened first still works and the postmaster was not
+    // restarted.
+    let now = started_at(
+        plain
+            .simple_query("SELECT pg_postmaster_start_time()")
+            .await
+            .expect("the SQL connection opened first still works"),
+    );
+    assert_eq!(now, postmaster_start, "the server restarted");
+    db.simple_query("SELECT 1")
+        .await
+        .expect("the replication=database connection still runs SQL");
+    let log = c.server_log();
+    assert!(
+        !log.contains("terminated by signal"),
+        "a backend crashed; server log:\n{log}"
+    );
+}
