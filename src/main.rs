@@ -7,10 +7,11 @@ use std::process::ExitCode;
 
 use clap::ValueEnum;
 use clap::{Args, Parser, Subcommand};
+use indicatif::{ProgressBar, ProgressDrawTarget, ProgressStyle};
 use pgpar::conninfo::{ConnArgs, ConnConfig, ProcessEnv};
 use pgpar::manifest::ChecksumKind;
 use pgpar::options::{BackupRequest, Checkpoint, MethodChoice};
-use pgpar::progress::ProgressMode;
+use pgpar::progress::{ProgressMode, Snapshot};
 use pgpar::session::{Reporter, Summary};
 
 #[derive(Parser)]
@@ -211,8 +212,13 @@ struct Conn {
     help: Option<bool>,
 }
 
-/// Prints what the library reports, as every other line pgpar writes to stderr.
-struct Stderr;
+/// Prints what the library reports, as every other line pgpar writes to stderr, and draws
+/// its progress snapshots: a bar for `-P`, one JSON object per line for `--progress=json`.
+#[derive(Default)]
+struct Stderr {
+    /// The bar of the transfer under way; made at its first snapshot, dropped at its last.
+    bar: std::sync::Mutex<Option<ProgressBar>>,
+}
 
 impl Reporter for Stderr {
     fn notice(&self, msg: &str) {
@@ -224,9 +230,58 @@ impl Reporter for Stderr {
     fn warning(&self, msg: &str) {
         eprintln!("pgpar: warning: {msg}");
     }
-    fn progress_line(&self, line: &str) {
-        eprintln!("{line}");
+    fn progress(&self, s: &Snapshot) {
+        match s.mode {
+            ProgressMode::Bar => self.draw_bar(s),
+            ProgressMode::Json => eprintln!("{}", progress_json(s)),
+        }
     }
+}
+
+impl Stderr {
+    fn draw_bar(&self, s: &Snapshot) {
+        let mut slot = self.bar.lock().unwrap_or_else(|e| e.into_inner());
+        let pb = slot.get_or_insert_with(|| {
+            let pb = ProgressBar::with_draw_target(
+                Some(s.bytes_total.max(1)),
+                ProgressDrawTarget::stderr(),
+            );
+            pb.set_style(
+                ProgressStyle::with_template(
+                    "{bar:30} {bytes}/{total_bytes} ({percent}%) {binary_bytes_per_sec} ETA {eta} {msg}",
+                )
+                .expect("valid template"),
+            );
+            pb
+        });
+        pb.set_length(s.bytes_total.max(1));
+        pb.set_position(s.bytes_done);
+        pb.set_message(format!("{} active", s.active_workers));
+        if s.done {
+            pb.finish();
+            *slot = None;
+        }
+    }
+}
+
+/// One `--progress=json` line: bytes done of the total, percent, MB/s, ETA, active workers.
+fn progress_json(s: &Snapshot) -> String {
+    let (done, total, rate) = (s.bytes_done, s.bytes_total, s.bytes_per_sec);
+    let eta = if rate > 0.0 {
+        (total - done) as f64 / rate
+    } else {
+        0.0
+    };
+    serde_json::json!({
+        "bytes_done": done,
+        "bytes_total": total,
+        "percent": if total > 0 { (done as f64 * 100.0 / total as f64 * 10.0).round() / 10.0 } else { 100.0 },
+        "mb_per_s": (rate / 1_048_576.0 * 10.0).round() / 10.0,
+        "eta_s": eta.round(),
+        "active_workers": s.active_workers,
+        "done": s.done,
+    })
+    .to_string()
 }
 
 /// Resolves when SIGINT or SIGTERM arrives (a scheduler's stop is as final as Ctrl-C), naming it.
@@ -368,7 +423,7 @@ async fn run(cmd: Cmd) -> Result<(), (pgpar::Error, i32)> {
         Cmd::Backup(args) => {
             let opts = args.request().validate().map_err(early)?;
             let cfg = resolve(&args.conn).map_err(early)?;
-            let reporter = std::sync::Arc::new(Stderr);
+            let reporter = std::sync::Arc::new(Stderr::default());
             match pgpar::session::run(&cfg, &opts, reporter, interrupted()).await {
                 Ok(summary) => {
                     print_summary(&args, &summary);

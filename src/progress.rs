@@ -1,23 +1,40 @@
-//! Progress: a bar on stderr (`-P`, drawn by indicatif) or one JSON object per line
-//! (`--progress=json`, handed to the [`Reporter`]), with bytes done of the total, rate, ETA
-//! and active workers. Counters are atomics, so workers update them without locks; a ticker
-//! renders them.
+//! Progress counting: bytes done of the total and active workers, kept in atomics so workers
+//! update them without locks, and a ticker that hands a [`Snapshot`] of them to the
+//! [`Reporter`] now and then. It draws nothing: the binary turns snapshots into a bar (`-P`)
+//! or JSON lines (`--progress=json`).
 
 use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use indicatif::{ProgressBar, ProgressDrawTarget, ProgressStyle};
-
 use crate::session::Reporter;
 
-/// How progress is shown.
+/// How progress is shown (the binary draws it; the library only picks how often to report).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum ProgressMode {
     /// A progress bar on a terminal.
     Bar,
     /// One JSON object per line on stderr, for scripts.
     Json,
+}
+
+/// The counters at one moment, as handed to [`Reporter::progress`].
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct Snapshot {
+    /// How the user asked to see progress.
+    pub mode: ProgressMode,
+    /// Bytes transferred so far.
+    pub bytes_done: u64,
+    /// Bytes expected in all (an estimate, never below `bytes_done`).
+    pub bytes_total: u64,
+    /// Mean rate since the start, in bytes per second.
+    pub bytes_per_sec: f64,
+    /// Workers transferring right now.
+    pub active_workers: usize,
+    /// Time since the transfer started.
+    pub elapsed: Duration,
+    /// The last snapshot of this transfer (it is complete).
+    pub done: bool,
 }
 
 struct Inner {
@@ -27,26 +44,16 @@ struct Inner {
     total: AtomicU64,
     active: AtomicUsize,
     started: Instant,
-    bar: Option<ProgressBar>,
 }
 
-/// Shared progress counters and their display.
+/// Shared progress counters.
 #[derive(Clone)]
 pub struct Progress(Arc<Inner>);
 
 impl Progress {
-    /// A display for `total` bytes (an estimate; it grows if exceeded).
+    /// Counters for `total` bytes (an estimate; it grows if exceeded), reported to
+    /// `reporter` when `mode` is set.
     pub fn new(mode: Option<ProgressMode>, total: u64, reporter: Arc<dyn Reporter>) -> Progress {
-        let bar = (mode == Some(ProgressMode::Bar)).then(|| {
-            let pb = ProgressBar::with_draw_target(Some(total.max(1)), ProgressDrawTarget::stderr());
-            pb.set_style(
-                ProgressStyle::with_template(
-                    "{bar:30} {bytes}/{total_bytes} ({percent}%) {binary_bytes_per_sec} ETA {eta} {msg}",
-                )
-                .expect("valid template"),
-            );
-            pb
-        });
         Progress(Arc::new(Inner {
             mode,
             reporter,
@@ -54,7 +61,6 @@ impl Progress {
             total: AtomicU64::new(total),
             active: AtomicUsize::new(0),
             started: Instant::now(),
-            bar,
         }))
     }
 
@@ -82,49 +88,33 @@ impl Progress {
         self.0.done.load(Ordering::Relaxed)
     }
 
-    fn render(&self, last: bool) {
+    /// The counters now, or `None` when progress is not shown.
+    fn snapshot(&self, last: bool) -> Option<Snapshot> {
         let i = &self.0;
+        let mode = i.mode?;
         let done = i.done.load(Ordering::Relaxed);
         let total = i.total.load(Ordering::Relaxed).max(done);
-        let active = i.active.load(Ordering::Relaxed);
-        let secs = i.started.elapsed().as_secs_f64().max(1e-3);
-        let rate = done as f64 / secs;
-        match i.mode {
-            Some(ProgressMode::Bar) => {
-                if let Some(pb) = &i.bar {
-                    pb.set_length(total.max(1));
-                    pb.set_position(done);
-                    pb.set_message(format!("{active} active"));
-                    if last {
-                        pb.finish();
-                    }
-                }
-            }
-            Some(ProgressMode::Json) => {
-                let eta = if rate > 0.0 {
-                    (total - done) as f64 / rate
-                } else {
-                    0.0
-                };
-                i.reporter.progress_line(
-                    &serde_json::json!({
-                        "bytes_done": done,
-                        "bytes_total": total,
-                        "percent": if total > 0 { (done as f64 * 100.0 / total as f64 * 10.0).round() / 10.0 } else { 100.0 },
-                        "mb_per_s": (rate / 1_048_576.0 * 10.0).round() / 10.0,
-                        "eta_s": eta.round(),
-                        "active_workers": active,
-                        "done": last,
-                    })
-                    .to_string(),
-                );
-            }
-            None => {}
+        let elapsed = i.started.elapsed();
+        Some(Snapshot {
+            mode,
+            bytes_done: done,
+            bytes_total: total,
+            bytes_per_sec: done as f64 / elapsed.as_secs_f64().max(1e-3),
+            active_workers: i.active.load(Ordering::Relaxed),
+            elapsed,
+            done: last,
+        })
+    }
+
+    fn report(&self, last: bool) {
+        if let Some(s) = self.snapshot(last) {
+            self.0.reporter.progress(&s);
         }
     }
 
-    /// Starts rendering periodically until the returned handle is aborted.
+    /// Starts reporting periodically until the returned handle is aborted.
     pub fn spawn_ticker(&self) -> Option<tokio::task::JoinHandle<()>> {
+        // A bar redraws often enough to look alive; JSON lines are for scripts and logs.
         let every = match self.0.mode? {
             ProgressMode::Bar => Duration::from_millis(200),
             ProgressMode::Json => Duration::from_secs(1),
@@ -134,13 +124,58 @@ impl Progress {
             let mut t = tokio::time::interval(every);
             loop {
                 t.tick().await;
-                me.render(false);
+                me.report(false);
             }
         }))
     }
 
-    /// Renders the final state.
+    /// Reports the final state.
     pub fn finish(&self) {
-        self.render(true);
+        self.report(true);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::sync::Mutex;
+
+    #[derive(Default)]
+    struct Record(Mutex<Vec<Snapshot>>);
+    impl Reporter for Record {
+        fn notice(&self, _: &str) {}
+        fn step(&self, _: &str) {}
+        fn warning(&self, _: &str) {}
+        fn progress(&self, s: &Snapshot) {
+            self.0.lock().unwrap().push(*s);
+        }
+    }
+
+    #[test]
+    fn finish_hands_the_counters_to_the_reporter() {
+        let rec = Arc::new(Record::default());
+        let p = Progress::new(Some(ProgressMode::Json), 100, rec.clone());
+        p.worker_active(true);
+        p.add(30);
+        p.set(20); // never backwards
+        p.add(90); // beyond the estimate: the total grows with it
+        p.finish();
+        let got = rec.0.lock().unwrap().clone();
+        assert_eq!(got.len(), 1);
+        let s = got[0];
+        assert_eq!((s.bytes_done, s.bytes_total), (120, 120));
+        assert_eq!(s.active_workers, 1);
+        assert!(s.done);
+        assert_eq!(s.mode, ProgressMode::Json);
+    }
+
+    #[test]
+    fn nothing_is_reported_without_a_mode() {
+        let rec = Arc::new(Record::default());
+        let p = Progress::new(None, 100, rec.clone());
+        p.add(10);
+        p.finish();
+        assert!(p.spawn_ticker().is_none());
+        assert!(rec.0.lock().unwrap().is_empty());
     }
 }

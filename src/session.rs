@@ -45,8 +45,9 @@ pub trait Reporter: Send + Sync {
     fn step(&self, msg: &str);
     /// Something that went wrong but did not stop the backup by itself.
     fn warning(&self, msg: &str);
-    /// One progress line (`--progress=json`).
-    fn progress_line(&self, line: &str);
+    /// The transfer's counters, now and then while it runs and once at its end (`done`),
+    /// when progress is shown; the binary draws them as a bar or a JSON line.
+    fn progress(&self, snapshot: &crate::progress::Snapshot);
 }
 
 /// The summary of a finished backup (`--json`).

@@ -555,7 +555,7 @@ mod tests {
         fn notice(&self, _: &str) {}
         fn step(&self, _: &str) {}
         fn warning(&self, _: &str) {}
-        fn progress_line(&self, _: &str) {}
+        fn progress(&self, _: &crate::progress::Snapshot) {}
     }
 
     struct FakeConnector(Arc<FakeServer>);
