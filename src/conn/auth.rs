@@ -86,7 +86,7 @@ impl Connection {
                 BackendMessage::Ignored(_) => {}
                 other => {
                     return Err(self.connect_err(
-                        format!("unexpected message during startup: {other:?}"),
+                        format!("unexpected {} from the server during startup", other.name()),
                         None,
                         None,
                     ))

@@ -152,6 +152,20 @@ enum State {
     Broken,
 }
 
+impl State {
+    /// The state in words, for errors a user reads.
+    fn describe(self) -> &'static str {
+        match self {
+            State::Idle => "idle",
+            State::Query => "still running a query",
+            State::CopyOut => "still in a COPY from the server",
+            State::CopyBoth => "still in a two-way COPY (replication stream)",
+            State::CopyIn => "still in a COPY to the server",
+            State::Broken => "broken by an earlier error",
+        }
+    }
+}
+
 /// Read buffer growth step; large so CopyData streams cost few syscalls.
 const READ_CHUNK: usize = 256 * 1024;
 
@@ -353,8 +367,8 @@ impl Connection {
     pub async fn start_query(&mut self, sql: &str) -> Result<()> {
         if self.state != State::Idle {
             return Err(Error::Protocol(format!(
-                "a new query was started while the connection was in state {:?}",
-                self.state
+                "a new query was started while the connection was {}",
+                self.state.describe()
             )));
         }
         tracing::debug!(target: "pgpar::sql", conn = %self.target, "{}", redact(sql));

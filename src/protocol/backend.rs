@@ -70,6 +70,32 @@ pub enum BackendMessage {
     Ignored(u8),
 }
 
+impl BackendMessage {
+    /// The message's name in the protocol documentation and its type byte, for errors a user
+    /// reads ("DataRow ('D')"): never its contents, which may be large or secret.
+    pub fn name(&self) -> String {
+        let (name, tag) = match self {
+            BackendMessage::Authentication { .. } => ("Authentication", b'R'),
+            BackendMessage::ParameterStatus { .. } => ("ParameterStatus", b'S'),
+            BackendMessage::BackendKeyData { .. } => ("BackendKeyData", b'K'),
+            BackendMessage::ReadyForQuery(_) => ("ReadyForQuery", b'Z'),
+            BackendMessage::RowDescription(_) => ("RowDescription", b'T'),
+            BackendMessage::DataRow(_) => ("DataRow", b'D'),
+            BackendMessage::CommandComplete(_) => ("CommandComplete", b'C'),
+            BackendMessage::EmptyQueryResponse => ("EmptyQueryResponse", b'I'),
+            BackendMessage::CopyOutResponse => ("CopyOutResponse", b'H'),
+            BackendMessage::CopyInResponse => ("CopyInResponse", b'G'),
+            BackendMessage::CopyBothResponse => ("CopyBothResponse", b'W'),
+            BackendMessage::CopyData(_) => ("CopyData", b'd'),
+            BackendMessage::CopyDone => ("CopyDone", b'c'),
+            BackendMessage::ErrorResponse(_) => ("ErrorResponse", b'E'),
+            BackendMessage::NoticeResponse(_) => ("NoticeResponse", b'N'),
+            BackendMessage::Ignored(t) => return format!("message of type '{}'", t.escape_ascii()),
+        };
+        format!("{name} ('{}')", tag as char)
+    }
+}
+
 /// Default cap on one backend message: CopyData chunks are far smaller; a DataRow of a
 /// file-list row or a backup_label is tiny. 64 MiB leaves room for odd servers.
 pub const DEFAULT_MAX_MESSAGE: usize = 64 << 20;
@@ -237,6 +263,14 @@ pub(crate) mod tests {
     use super::*;
     use bytes::BufMut;
     use proptest::prelude::*;
+
+    #[test]
+    fn names_a_message_by_its_protocol_name_not_its_contents() {
+        let row = BackendMessage::DataRow(vec![Some(Bytes::from_static(b"secret"))]);
+        assert_eq!(row.name(), "DataRow ('D')");
+        assert_eq!(BackendMessage::Ignored(b'v').name(), "message of type 'v'");
+        assert_eq!(BackendMessage::Ignored(0).name(), "message of type '\\x00'");
+    }
 
     /// Feeds `wire` to the decoder in chunks of the given sizes (cycled), as reads from a
     /// socket would arrive, and returns every message decoded.
