@@ -32,38 +32,23 @@ pub struct SystemInfo {
     pub xlogpos: Lsn,
 }
 
-fn field<'a>(set: &'a ResultSet, row: usize, name: &str, cmd: &str) -> Result<&'a str> {
-    let i = set
-        .column(name)
-        .ok_or_else(|| Error::Protocol(format!("{cmd} returned no column \"{name}\"")))?;
-    set.rows
-        .get(row)
-        .and_then(|r| r.get(i))
-        .ok_or_else(|| Error::Protocol(format!("{cmd} returned no value for \"{name}\"")))
-}
-
-fn parse_num<T: std::str::FromStr>(v: &str, what: &str) -> Result<T> {
-    v.parse()
-        .map_err(|_| Error::Protocol(format!("invalid {what} \"{v}\"")))
-}
-
 /// Runs IDENTIFY_SYSTEM.
 pub async fn identify_system(c: &mut Connection) -> Result<SystemInfo> {
     let sets = c
         .simple_query("IDENTIFY_SYSTEM")
         .await
         .map_err(|e| e.context("IDENTIFY_SYSTEM failed"))?;
-    let set = sets
+    // The columns come in the order the protocol documents: systemid, timeline, xlogpos,
+    // dbname; read by position, like every other command's row here.
+    let row = sets
         .iter()
         .find(|s| !s.columns.is_empty())
+        .and_then(|s| s.rows.first())
         .ok_or_else(|| Error::Protocol("IDENTIFY_SYSTEM returned no row".into()))?;
     Ok(SystemInfo {
-        system_identifier: parse_num(
-            field(set, 0, "systemid", "IDENTIFY_SYSTEM")?,
-            "system identifier",
-        )?,
-        timeline: parse_num(field(set, 0, "timeline", "IDENTIFY_SYSTEM")?, "timeline")?,
-        xlogpos: field(set, 0, "xlogpos", "IDENTIFY_SYSTEM")?.parse()?,
+        system_identifier: row.parse(0, "system identifier")?,
+        timeline: row.parse(1, "timeline")?,
+        xlogpos: row.parse(2, "WAL position")?,
     })
 }
 
