@@ -282,6 +282,17 @@ impl Cluster {
     /// of its own. The directory and the targets of its `pg_tblspc` links are given to the
     /// server's OS user and made private first, as a DBA would before `pg_ctl start`.
     pub fn start_backup_copy(&self, backup: &Path) -> Cluster {
+        self.try_start_backup_copy(backup).unwrap_or_else(|log| {
+            panic!(
+                "pg_ctl start of restored backup in {} failed; server log:\n{log}",
+                backup.display()
+            )
+        })
+    }
+
+    /// Like [`Cluster::start_backup_copy`], but a server that refuses to start is an answer,
+    /// not a failure: `Err` carries its log (for tests of what must never start).
+    pub fn try_start_backup_copy(&self, backup: &Path) -> Result<Cluster, String> {
         let dir = scratch_dir();
         let root = dir.path().to_path_buf();
         let sockdir = root.join("sock");
@@ -314,48 +325,64 @@ impl Cluster {
             running: false,
             _dir: dir,
         };
-        copy.start_on_free_port("restored backup");
-        copy
+        copy.try_start_on_free_port()?;
+        Ok(copy)
     }
 
     fn start_on_free_port(&mut self, what: &str) {
+        if let Err(log) = self.try_start_on_free_port() {
+            panic!(
+                "pg_ctl start of {what} in {} failed; server log:\n{log}",
+                self.data.display()
+            );
+        }
+    }
+
+    /// Starts the server, retrying on a new port when the port was taken; `Err` holds what
+    /// pg_ctl said and the server log of the last attempt.
+    fn try_start_on_free_port(&mut self) -> Result<(), String> {
         let mut last_log = String::new();
         for _attempt in 0..3 {
             self.port = free_port();
             // postgresql.auto.conf is read last, so this wins over whatever a backup carried.
-            let mut conf = fs::read_to_string(self.data.join("postgresql.auto.conf")).unwrap();
+            // (A partial backup may not have the file yet: the server must say what is missing.)
+            let mut conf =
+                fs::read_to_string(self.data.join("postgresql.auto.conf")).unwrap_or_default();
             conf.push_str(&server_conf(self.port, &self.sockdir, self.tls));
             fs::write(self.data.join("postgresql.auto.conf"), conf).unwrap();
-            if self.pg_ctl_start() {
-                self.running = true;
-                return;
-            }
+            let said = match self.pg_ctl_start() {
+                Ok(()) => {
+                    self.running = true;
+                    return Ok(());
+                }
+                Err(said) => said,
+            };
             // pg_ctl may have given up waiting on a server that is still starting: stop it.
             self.pg_ctl_stop("immediate");
-            last_log = self.server_log();
+            last_log = format!("pg_ctl start said: {said}\n{}", self.server_log());
             if !last_log.contains("could not bind") && !last_log.contains("could not create") {
                 break;
             }
         }
-        panic!(
-            "pg_ctl start of {what} in {} failed; server log:\n{last_log}",
-            self.data.display()
-        );
+        Err(last_log)
     }
 
-    fn pg_ctl_start(&self) -> bool {
-        let status = as_server_user(&self.bindir.join("pg_ctl"))
+    /// `pg_ctl start`; `Err` holds what pg_ctl itself printed (it may refuse before any log).
+    fn pg_ctl_start(&self) -> Result<(), String> {
+        let out = as_server_user(&self.bindir.join("pg_ctl"))
             .arg("-D")
             .arg(&self.data)
             .arg("-l")
             .arg(&self.log)
             .args(["-w", "-t", "120", "start"])
             .stdin(Stdio::null())
-            .stdout(Stdio::null())
-            .stderr(Stdio::null())
-            .status()
+            .output()
             .expect("run pg_ctl");
-        status.success()
+        if out.status.success() {
+            Ok(())
+        } else {
+            Err(String::from_utf8_lossy(&out.stderr).into_owned())
+        }
     }
 
     fn pg_ctl_stop(&mut self, mode: &str) {

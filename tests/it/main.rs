@@ -16,6 +16,7 @@ mod backup_stream;
 mod cli;
 mod fixture;
 mod parallel;
+mod partial;
 mod patch;
 mod pipeline;
 mod setup;
