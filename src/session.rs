@@ -451,6 +451,7 @@ async fn frame<S: Source>(
     // believes it is consistent (it would, from pg_control alone, without the label).
     if let Some(label) = &started.backup_label {
         sink.put("backup_label", label.as_bytes())?;
+        sink.make_durable("backup_label")?;
     }
     let mut wal = wal.start(s, started.timeline, started.start_lsn)?;
     let copied = tokio::select! {

@@ -109,6 +109,15 @@ impl PlainDir {
             .map_err(|e| Error::io(format!("could not truncate \"{}\"", p.display()), e))
     }
 
+    /// Makes a file at the top of the data directory durable now, with its directory entry,
+    /// whatever `--no-sync` says: `backup_label` must be on disk before `global/pg_control`
+    /// can be, or a partial backup that survived an OS crash could start as a server without
+    /// it and run crash recovery to a wrong state.
+    pub fn make_durable(&self, name: &str) -> Result<()> {
+        durable::fsync_path(&self.local(Root::Data, name)?)?;
+        durable::fsync_path(&self.root)
+    }
+
     fn roots(&self) -> Vec<PathBuf> {
         let mut all = vec![self.root.clone()];
         all.extend(self.tablespaces.values().cloned());

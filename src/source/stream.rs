@@ -185,6 +185,11 @@ impl Extract {
     ) -> Result<()> {
         match ev {
             TarEvent::Entry(e) => {
+                // BASE_BACKUP sends backup_label first and pg_control last: the label must
+                // be on disk before pg_control can be (see PlainDir::make_durable).
+                if root == Root::Data && e.path == "global/pg_control" {
+                    sink.make_durable("backup_label")?;
+                }
                 let kind = match e.kind {
                     EntryKind::Dir => Kind::Dir,
                     EntryKind::File => Kind::File,
