@@ -12,6 +12,21 @@ use std::sync::Mutex;
 
 use crate::error::{Error, Result};
 
+/// Gives a file pgpar just created exactly `mode`. Creating with a mode is not enough: the
+/// process umask may take bits away (a umask of 077 would turn the 0640 of a group-readable
+/// cluster into 0600), and the backup's modes must follow the server's, as pg_basebackup's
+/// do, whatever the umask of whoever runs pgpar.
+pub fn set_mode(f: &File, path: &Path, mode: u32) -> Result<()> {
+    use std::os::unix::fs::PermissionsExt;
+    f.set_permissions(fs::Permissions::from_mode(mode))
+        .map_err(|e| {
+            Error::io(
+                format!("could not set the mode of \"{}\"", path.display()),
+                e,
+            )
+        })
+}
+
 /// Opens and fsyncs a file or directory.
 pub fn fsync_path(p: &Path) -> Result<()> {
     let f = File::open(p)
@@ -109,6 +124,7 @@ pub fn write_atomically_with_mode(
         .mode(mode)
         .open(&tmp)
         .map_err(|e| Error::io(format!("could not create \"{}\"", tmp.display()), e))?;
+    set_mode(&f, &tmp, mode)?;
     f.write_all(content)
         .map_err(|e| Error::io(format!("could not write \"{}\"", tmp.display()), e))?;
     if sync {

@@ -76,6 +76,7 @@ impl SegmentWriter {
                     .map_err(|e| {
                         Error::io(format!("could not open WAL file \"{}\"", path.display()), e)
                     })?;
+                crate::durable::set_mode(&f, &path, self.opts.file_mode)?;
                 // Full-size like the server's own segments; the tail stays zero.
                 f.set_len(seg_size).map_err(|e| {
                     Error::io(format!("could not size WAL file \"{}\"", path.display()), e)
@@ -119,7 +120,7 @@ impl SegmentWriter {
                     _ => {}
                 }
                 let done = status.join(format!("{name}.done"));
-                std::fs::OpenOptions::new()
+                let marker = std::fs::OpenOptions::new()
                     .write(true)
                     .create(true)
                     .truncate(true)
@@ -128,6 +129,7 @@ impl SegmentWriter {
                     .map_err(|e| {
                         Error::io(format!("could not create \"{}\"", done.display()), e)
                     })?;
+                crate::durable::set_mode(&marker, &done, self.opts.file_mode)?;
             }
         }
         Ok(())

@@ -185,8 +185,12 @@ impl Sink for PlainDir {
             .create_new(true)
             .mode(self.file_mode)
             .open(&p)
-            .and_then(|mut f| std::io::Write::write_all(&mut f, bytes))
             .map_err(|e| Error::io(format!("could not write \"{}\"", p.display()), e))
+            .and_then(|mut f| {
+                durable::set_mode(&f, &p, self.file_mode)?;
+                std::io::Write::write_all(&mut f, bytes)
+                    .map_err(|e| Error::io(format!("could not write \"{}\"", p.display()), e))
+            })
     }
 
     fn append(&self, name: &str, bytes: &[u8]) -> Result<()> {
@@ -196,8 +200,12 @@ impl Sink for PlainDir {
             .create(true)
             .mode(self.file_mode)
             .open(&p)
-            .and_then(|mut f| std::io::Write::write_all(&mut f, bytes))
             .map_err(|e| Error::io(format!("could not write \"{}\"", p.display()), e))
+            .and_then(|mut f| {
+                durable::set_mode(&f, &p, self.file_mode)?;
+                std::io::Write::write_all(&mut f, bytes)
+                    .map_err(|e| Error::io(format!("could not write \"{}\"", p.display()), e))
+            })
     }
 
     fn stats(&self) -> SinkStats {
@@ -270,6 +278,7 @@ impl FileWriter for DirWriter {
             .mode(mode)
             .open(&path)
             .map_err(|e| Error::io(format!("could not create file \"{}\"", path.display()), e))?;
+        durable::set_mode(&f, &path, mode)?;
         self.cur = Some(Run {
             path,
             f,

@@ -114,7 +114,9 @@ pub fn prepare_empty_dir(dir: &Path, what: &str) -> Result<bool> {
 /// Creates a directory with a mode (ignoring one that already exists).
 pub fn make_dir(p: &Path, mode: u32) -> Result<()> {
     match fs::DirBuilder::new().mode(mode).create(p) {
-        Ok(()) => {}
+        // Exactly `mode`, whatever the umask (see durable::set_mode).
+        Ok(()) => fs::set_permissions(p, fs::Permissions::from_mode(mode))
+            .map_err(|e| Error::io(format!("could not set the mode of \"{}\"", p.display()), e))?,
         Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists && p.is_dir() => {}
         Err(e) => {
             return Err(Error::io(
