@@ -118,6 +118,16 @@ impl PlainDir {
         durable::fsync_path(&self.root)
     }
 
+    /// Writes `bytes` to a file at the top of the data directory opened with `how` (a new
+    /// file for `put`, appending for `append`), with exactly the backup's file mode.
+    fn write_top(&self, name: &str, bytes: &[u8], how: &mut OpenOptions) -> Result<()> {
+        let p = self.local(Root::Data, name)?;
+        let failed = |e| Error::io(format!("could not write \"{}\"", p.display()), e);
+        let mut f = how.mode(self.file_mode).open(&p).map_err(failed)?;
+        durable::set_mode(&f, &p, self.file_mode)?;
+        std::io::Write::write_all(&mut f, bytes).map_err(failed)
+    }
+
     fn roots(&self) -> Vec<PathBuf> {
         let mut all = vec![self.root.clone()];
         all.extend(self.tablespaces.values().cloned());
@@ -179,33 +189,11 @@ impl Sink for PlainDir {
     }
 
     fn put(&self, name: &str, bytes: &[u8]) -> Result<()> {
-        let p = self.local(Root::Data, name)?;
-        OpenOptions::new()
-            .write(true)
-            .create_new(true)
-            .mode(self.file_mode)
-            .open(&p)
-            .map_err(|e| Error::io(format!("could not write \"{}\"", p.display()), e))
-            .and_then(|mut f| {
-                durable::set_mode(&f, &p, self.file_mode)?;
-                std::io::Write::write_all(&mut f, bytes)
-                    .map_err(|e| Error::io(format!("could not write \"{}\"", p.display()), e))
-            })
+        self.write_top(name, bytes, OpenOptions::new().write(true).create_new(true))
     }
 
     fn append(&self, name: &str, bytes: &[u8]) -> Result<()> {
-        let p = self.local(Root::Data, name)?;
-        OpenOptions::new()
-            .append(true)
-            .create(true)
-            .mode(self.file_mode)
-            .open(&p)
-            .map_err(|e| Error::io(format!("could not write \"{}\"", p.display()), e))
-            .and_then(|mut f| {
-                durable::set_mode(&f, &p, self.file_mode)?;
-                std::io::Write::write_all(&mut f, bytes)
-                    .map_err(|e| Error::io(format!("could not write \"{}\"", p.display()), e))
-            })
+        self.write_top(name, bytes, OpenOptions::new().append(true).create(true))
     }
 
     fn stats(&self) -> SinkStats {
