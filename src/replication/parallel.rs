@@ -142,11 +142,13 @@ pub async fn send_file_list(c: &mut Connection, backup_id: &str) -> Result<Vec<F
     Ok(out)
 }
 
-/// The SEND_FILES_CONTENT command for `(path, offset, length)` ranges.
+/// The SEND_FILES_CONTENT command for `(path, offset, length)` ranges. The
+/// offset and length go as quoted decimal strings: the server's replication
+/// scanner reads a bare number as 32 bits, and a range past 4 GiB must not wrap.
 pub fn files_content_command(backup_id: &str, ranges: &[(&str, u64, u64)], verify: bool) -> String {
     let files: Vec<String> = ranges
         .iter()
-        .map(|(p, o, l)| format!("{} {o} {l}", quote_literal(p)))
+        .map(|(p, o, l)| format!("{} '{o}' '{l}'", quote_literal(p)))
         .collect();
     format!(
         "SEND_FILES_CONTENT (BACKUP_ID {}, VERIFY_CHECKSUMS {}, FILES ({}))",
@@ -178,7 +180,7 @@ mod tests {
         let c = files_content_command("ab", &[("base/1/2", 0, 8192), ("o'dd", 8192, 10)], true);
         assert_eq!(
             c,
-            "SEND_FILES_CONTENT (BACKUP_ID 'ab', VERIFY_CHECKSUMS true, FILES ('base/1/2' 0 8192, 'o''dd' 8192 10))"
+            "SEND_FILES_CONTENT (BACKUP_ID 'ab', VERIFY_CHECKSUMS true, FILES ('base/1/2' '0' '8192', 'o''dd' '8192' '10'))"
         );
     }
 }

@@ -277,7 +277,7 @@ fn files_content_sql(
     let specs: Vec<String> = files
         .iter()
         .map(|(p, r)| match r {
-            Some((o, l)) => format!("{} {o} {l}", lit(p)),
+            Some((o, l)) => format!("{} '{o}' '{l}'", lit(p)),
             None => lit(p),
         })
         .collect();
@@ -620,6 +620,41 @@ async fn send_files_content_refusals() {
     let list = file_list(&mut leader, id).await;
     assert!(!list.iter().any(|e| e.path.starts_with("evil_")));
 
+    // Offsets and lengths are quoted decimal strings: a bare number is a syntax error, and a
+    // sign, a space or a non-digit is refused by the command, before anything is sent.
+    assert_eq!(
+        sqlstate_of(
+            &mut w,
+            &format!(
+                "SEND_FILES_CONTENT (BACKUP_ID {}, FILES ('PG_VERSION' 0 3))",
+                lit(id)
+            )
+        )
+        .await,
+        "42601"
+    );
+    for (o, l) in [
+        ("-1", "3"),
+        ("0", "+3"),
+        (" 0", "3"),
+        ("0x0", "3"),
+        ("", "3"),
+    ] {
+        let sql = format!(
+            "SEND_FILES_CONTENT (BACKUP_ID {}, FILES ('PG_VERSION' {} {}))",
+            lit(id),
+            lit(o),
+            lit(l)
+        );
+        let (events, err) = run_events(&mut w, &sql).await;
+        let err = err.unwrap_or_else(|| panic!("{o:?} {l:?} was not refused"));
+        assert_eq!(err.sqlstate(), Some("22023"), "{o:?} {l:?}: {err}");
+        assert!(events.is_empty(), "{o:?} {l:?}: sent before the error");
+    }
+    // An offset past 4 GiB is taken as it is, not wrapped to 32 bits (which would be 0 here).
+    let got = fetch(&mut w, id, &[("PG_VERSION", Some((1 << 32, 3)))], true).await;
+    assert_ne!(got[0].data, b"17\n", "offset 2^32 read the file from 0");
+
     // A finished backup.
     stop_backup(&mut leader, &started.label).await;
     assert_eq!(refused(&mut w, id, "PG_VERSION").await, "55000");
@@ -889,4 +924,21 @@ async fn refused_on_database_walsender() {
         !log.contains("terminated by signal"),
         "a backend crashed; server log:\n{log}"
     );
+}
+
+/// Issue 8, finding 8: the patch must not change how the replication scanner reads numbers
+/// for the stock commands. `TIMELINE_HISTORY 4294967297` fails on the patched server exactly as
+/// on a stock one (the timeline wraps to 1, whose history file does not exist: 58P01), not with
+/// a syntax error because the number became a 64-bit token.
+#[tokio::test]
+async fn stock_commands_read_numbers_as_unpatched() {
+    let stock = Cluster::new(Pg::V15);
+    let mut s = repl(&stock).await;
+    let patched = Cluster::new(Pg::V17);
+    let mut p = repl(&patched).await;
+    for cmd in ["TIMELINE_HISTORY 1", "TIMELINE_HISTORY 4294967297"] {
+        let want = sqlstate_of(&mut s, cmd).await;
+        assert_eq!(want, "58P01", "{cmd} on stock 15");
+        assert_eq!(sqlstate_of(&mut p, cmd).await, want, "{cmd} on patched 17");
+    }
 }
