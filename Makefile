@@ -5,14 +5,19 @@
 #   make postgres    build PostgreSQL 17 with pg-patches/17 applied (cached outside the repository)
 #   make -s pg-bindir  print the bin directory of that build
 #   make bench       side-by-side benchmark against pg_basebackup
+#
+# The PostgreSQL 17 build is cached in $PGPAR_CACHE, else /var/cache/pgpar as root, else
+# ${XDG_CACHE_HOME:-~/.cache}/pgpar (about 450 MB); pg-patches/build.sh alone decides, keyed
+# inside by source version and patch hash. As root the servers run as the `postgres` OS user;
+# as anyone else, as that user (no root needed once the packages are installed).
+# tests/scripts/server-access.sh stops a target, in one line, when that user cannot reach the
+# binaries or the scratch directories (a cache or TMPDIR under a 0700 home, for instance).
 
 SHELL := /bin/bash
 CARGO ?= cargo
-# The patched PostgreSQL 17 build is cached in $PGPAR_CACHE, keyed inside by source version and
-# patch hash; pg-patches/build.sh alone decides the default (/var/cache/pgpar as root).
 PG15_BINDIR ?= /usr/lib/postgresql/15/bin
 
-.PHONY: all build deps postgres pg-bindir test demo bench lint unit clean
+.PHONY: all build deps postgres pg-bindir test-access test demo bench lint unit clean
 
 all: build
 
@@ -34,11 +39,13 @@ lint:
 	$(CARGO) fmt --all -- --check
 	$(CARGO) clippy --all-targets -- -D warnings
 
-# server-access.sh: one clear line, before the suite, when the servers' OS user cannot run the
-# binaries or enter the scratch directories the tests give it.
-test: deps postgres lint
-	bash tests/scripts/server-access.sh "$$(bash pg-patches/build.sh bindir)/initdb" \
+# One clear line, before lint and the suite, when the servers' OS user cannot run the binaries
+# or enter the scratch directories the tests give it (the fixture makes them in TMPDIR).
+test-access: postgres
+	@bash tests/scripts/server-access.sh "$$(bash pg-patches/build.sh bindir)/initdb" \
 	  $(PG15_BINDIR)/initdb "$${TMPDIR:-/tmp}"
+
+test: deps postgres test-access lint
 	PGPAR_PG15_BINDIR=$(PG15_BINDIR) PGPAR_PG17_BINDIR="$$(bash pg-patches/build.sh bindir)" \
 	  $(CARGO) test --all-targets -- --test-threads=$${PGPAR_TEST_THREADS:-4}
 

@@ -166,6 +166,11 @@ cmd_build() {
     [ -n "$(patch_files)" ] || die "no patches in $PATCHDIR"
     # One build at a time per cache: a second caller waits, then finds it done.
     mkdir -p "$PGROOT"
+    [ -w "$PGROOT" ] || die "$PGROOT is not writable by $(id -un): build as its owner, or set PGPAR_CACHE to a directory of your own"
+    # Before minutes of building: the servers' OS user (postgres, when we are root) must be able
+    # to reach the cache, or the build would be of no use to the tests.
+    chmod go+rx "$CACHE" "$PGROOT"
+    bash "$here/../tests/scripts/server-access.sh" "$PGROOT"
     exec 9>"$PGROOT/.build.lock"
     if ! flock -n 9; then
         log "waiting for another build in $PGROOT"

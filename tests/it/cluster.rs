@@ -28,7 +28,7 @@
 //! works with host=localhost. A server build without OpenSSL (see `Cluster::tls`) runs
 //! without TLS and without `ssl_user`'s row; the TLS tests use PostgreSQL 15, which has it.
 
-use std::collections::{BTreeMap, HashSet};
+use std::collections::{BTreeMap, HashMap, HashSet};
 use std::fmt::Write as _;
 use std::fs;
 use std::io::Write as _;
@@ -97,34 +97,40 @@ impl Pg {
             dir.display(),
             self.major()
         );
-        server_user_can_run(&dir.join("initdb"));
+        server_user_can_reach(&dir.join("initdb"));
         dir
     }
 }
 
 /// Panic with one clear line (the same one `make test` prints before the suite) unless the
-/// servers' OS user can execute `program`: as root the servers run as `postgres`, and a build
-/// under a 0700 home (Debian's /root) would otherwise fail every test with "Permission denied".
-/// Checked once per program.
-fn server_user_can_run(program: &Path) {
-    static CHECKED: OnceLock<Mutex<HashSet<PathBuf>>> = OnceLock::new();
+/// servers' OS user can reach `path` (execute a program, enter a directory): as root the servers
+/// run as `postgres`, and a build or a TMPDIR under a 0700 home (Debian's /root) would otherwise
+/// fail every test with its own "Permission denied" from runuser, initdb or the server.
+/// The check runs once per path; every later caller gets the same answer, so all the tests it
+/// stops say the same line.
+fn server_user_can_reach(path: &Path) {
+    static CHECKED: OnceLock<Mutex<HashMap<PathBuf, Result<(), String>>>> = OnceLock::new();
     let checked = CHECKED.get_or_init(Default::default);
-    if checked.lock().unwrap().contains(program) {
-        return;
+    let mut checked = checked.lock().unwrap_or_else(|e| e.into_inner());
+    let answer = checked.entry(path.to_path_buf()).or_insert_with(|| {
+        let script = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/scripts/server-access.sh");
+        let out = Command::new("bash")
+            .arg(&script)
+            .arg(path)
+            .stdin(Stdio::null())
+            .output()
+            .map_err(|e| format!("could not run {}: {e}", script.display()))?;
+        if out.status.success() {
+            Ok(())
+        } else {
+            Err(String::from_utf8_lossy(&out.stderr).trim().to_string())
+        }
+    });
+    if let Err(line) = answer {
+        let line = line.clone();
+        drop(checked);
+        panic!("{line}");
     }
-    let script = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/scripts/server-access.sh");
-    let out = Command::new("bash")
-        .arg(&script)
-        .arg(program)
-        .stdin(Stdio::null())
-        .output()
-        .unwrap_or_else(|e| panic!("could not run {}: {e}", script.display()));
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr).trim()
-    );
-    checked.lock().unwrap().insert(program.to_path_buf());
 }
 
 /// True when the tests run as root, so server-side commands must run as `postgres`.
@@ -201,8 +207,10 @@ pub fn free_port() -> u16 {
 }
 
 /// A temporary directory that the server's OS user can enter (mode 0755), for backups and
-/// tablespaces that a server will use.
+/// tablespaces that a server will use. It lands in `$TMPDIR` (else /tmp), which that user must
+/// be able to reach: checked first, with the one-line answer of `server_user_can_reach`.
 pub fn scratch_dir() -> TempDir {
+    server_user_can_reach(&std::env::temp_dir());
     let dir = tempfile::Builder::new()
         .prefix("pgpar-it-")
         .tempdir()

@@ -26,6 +26,13 @@ for pkg in "${PACKAGES[@]}"; do
     [[ $(dpkg-query -W -f='${db:Status-Abbrev}' "$pkg" 2>/dev/null) == ii* ]] || missing+=("$pkg")
 done
 
+# A Rust toolchain is not a Debian package here: say so plainly rather than let make fail with
+# "cargo: command not found" (a user other than root cannot use root's ~/.cargo, mode 0700).
+if ! command -v cargo >/dev/null; then
+    echo "deps: no cargo in PATH for $(id -un): install a Rust toolchain for this user (rustup), or put its bin directory in PATH" >&2
+    exit 1
+fi
+
 # `make test` runs cargo fmt and clippy: add the components if the toolchain lacks them.
 for component in rustfmt clippy; do
     sub=${component/rustfmt/fmt}
@@ -39,11 +46,13 @@ if ((${#missing[@]} == 0)); then
     exit 0
 fi
 
-echo "deps: installing ${missing[*]}" >&2
 if [[ $(id -u) -ne 0 ]]; then
-    echo "deps: need root to install packages (or install them yourself): ${missing[*]}" >&2
+    # Nothing else here needs root: as another user, make test and make demo run the servers as
+    # that user, once the packages are there.
+    echo "deps: missing packages: ${missing[*]}; installing them needs root (apt-get install ${missing[*]}), then run make again as $(id -un)" >&2
     exit 1
 fi
+echo "deps: installing ${missing[*]}" >&2
 
 export DEBIAN_FRONTEND=noninteractive
 apt_get() { apt-get -y -q -o DPkg::Lock::Timeout=600 -o Dpkg::Options::=--force-confdef -o Dpkg::Options::=--force-confold "$@"; }
