@@ -29,7 +29,9 @@ as_pg=()
 if [ "$(id -u)" = 0 ]; then
   id postgres >/dev/null 2>&1 || useradd --system --home-dir /var/lib/postgresql --shell /bin/bash postgres
   chown postgres "$work"
-  as_pg=(runuser -u postgres --)
+  # From /: our working directory may be one postgres cannot enter (a clone under /root), and
+  # PostgreSQL's tools then warn "could not change directory" on every call.
+  as_pg=(runuser -u postgres -- env --chdir=/)
 fi
 # A BENCH_DIR under a 0700 home would fail at initdb: say so in one line instead.
 bash "$(dirname "$0")/../tests/scripts/server-access.sh" "$work"

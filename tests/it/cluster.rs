@@ -140,11 +140,15 @@ pub fn is_root() -> bool {
 }
 
 /// A command that runs as the OS user owning the servers' files: `postgres` when we are root,
-/// ourselves otherwise.
+/// ourselves otherwise. As `postgres` it runs from `/`: the tests' own working directory is the
+/// repository, which `postgres` may not be able to enter (a clone under /root), and PostgreSQL
+/// 15's tools then warn "could not change directory" on every call. Paths given are absolute.
 pub fn as_server_user(program: &Path) -> Command {
     if is_root() {
         let mut c = Command::new("runuser");
-        c.args(["-u", "postgres", "--"]).arg(program);
+        c.args(["-u", "postgres", "--"])
+            .arg(program)
+            .current_dir("/");
         c
     } else {
         Command::new(program)

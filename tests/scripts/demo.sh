@@ -16,7 +16,9 @@ PGPAR=${PGPAR:-target/release/pgpar}
 
 step=0
 heading() { step=$((step + 1)); printf '\n\033[1m== %d. %s\033[0m\n' "$step" "$*"; }
-as_pg() { if [[ $(id -u) -eq 0 ]]; then runuser -u postgres -- "$@"; else "$@"; fi; }
+# As postgres, from /: our working directory is the repository, which postgres may not be able to
+# enter (a clone under /root), and PostgreSQL 15's tools then warn "could not change directory".
+as_pg() { if [[ $(id -u) -eq 0 ]]; then (cd / && runuser -u postgres -- "$@"); else "$@"; fi; }
 free_port() { python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1", 0)); print(s.getsockname()[1])'; }
 
 WORK=$(mktemp -d /tmp/pgpar-demo.XXXXXX)
