@@ -13,6 +13,7 @@ pub mod conn;
 pub mod conninfo;
 pub mod durable;
 pub mod error;
+pub mod exclusions;
 pub mod lsn;
 pub mod manifest;
 pub mod options;
