@@ -17,6 +17,7 @@ pub mod exclusions;
 pub mod lsn;
 pub mod manifest;
 pub mod options;
+pub mod pagecheck;
 pub mod plan;
 pub mod progress;
 pub mod protocol;

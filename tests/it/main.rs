@@ -15,6 +15,7 @@ mod auth;
 mod backup_stream;
 mod cli;
 mod fixture;
+mod pagecheck;
 mod parallel;
 mod partial;
 mod patch;
