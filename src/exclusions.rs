@@ -12,9 +12,10 @@
 //! `pg_tblspc/<oid>` links. Only the tablespace's own version directory
 //! (`PG_<major>_<catversion>`) is copied from a tablespace location.
 //!
-//! Checked against the sources of PostgreSQL 15 and 17. The differences (see [`Exclusions`]):
-//! 17 also creates `pg_wal/summaries`, skips `.DS_Store`, and looks for unlogged relations in
-//! `global/` too. 16 is treated as 15 (not checked against its source).
+//! Checked against the sources of PostgreSQL 15 and 17, and against `BASE_BACKUP` itself (by
+//! the `client_side` integration tests). The differences: 17 also creates `pg_wal/summaries`
+//! and looks for unlogged relations in `global/` too. 16 is treated as 15 (not checked against
+//! its source).
 
 use std::collections::HashSet;
 
@@ -122,7 +123,8 @@ pub enum EntryKind {
 pub enum SkipReason {
     /// A `pgsql_tmp*` file or directory.
     TempFile,
-    /// `.DS_Store` (PostgreSQL 17+).
+    /// `.DS_Store`: in 17, and in 15's later minor releases (15.18 skips it; older ones copy
+    /// it). Skipped for every version: it is only ever Finder's litter.
     MacOsMetadata,
     /// One of [`EXCLUDED_FILES`].
     ExcludedFile,
@@ -354,7 +356,7 @@ impl Exclusions {
         if name.starts_with(TEMP_FILE_PREFIX) {
             return Verdict::Skip(SkipReason::TempFile);
         }
-        if self.major >= 17 && name == ".DS_Store" {
+        if name == ".DS_Store" {
             return Verdict::Skip(SkipReason::MacOsMetadata);
         }
         if EXCLUDED_FILES.iter().any(|f| {
@@ -691,15 +693,24 @@ mod tests {
     }
 
     #[test]
-    fn mac_os_metadata_skipped_from_17() {
-        assert_eq!(
-            V17.classify(Root::DataDir, "base/.DS_Store", File),
-            skip(SkipReason::MacOsMetadata)
-        );
-        assert_eq!(
-            V15.classify(Root::DataDir, "base/.DS_Store", File),
-            Verdict::Include
-        );
+    fn mac_os_metadata_skipped() {
+        for ex in both() {
+            for (root, path) in [
+                (Root::DataDir, ".DS_Store"),
+                (Root::DataDir, "base/.DS_Store"),
+                (Root::Tablespace, "16384/.DS_Store"),
+            ] {
+                assert_eq!(
+                    ex.classify(root, path, File),
+                    skip(SkipReason::MacOsMetadata),
+                    "{path}"
+                );
+            }
+            assert_eq!(
+                ex.classify(Root::DataDir, "base/.DS_Store.old", File),
+                Verdict::Include
+            );
+        }
     }
 
     #[test]
