@@ -280,9 +280,8 @@ fn checksummed_files(data: &Path, ex: Exclusions) -> Vec<String> {
         .collect()
 }
 
-#[test]
-fn pages_written_by_postgres_15_verify_and_a_flipped_byte_is_found() {
-    let c = Cluster::new(Pg::V15);
+fn pages_verify_and_a_flipped_byte_is_found(pg: Pg) {
+    let c = Cluster::new(pg);
     c.psql(
         "CREATE TABLE t AS SELECT g AS id, md5(g::text) AS v FROM generate_series(1, 20000) g;
          CREATE INDEX t_v ON t (v);
@@ -305,7 +304,7 @@ fn pages_written_by_postgres_15_verify_and_a_flipped_byte_is_found() {
 
     // Every page of every checksummed file verifies (the server is stopped: any start LSN
     // after everything it wrote checks every initialised page).
-    let ex = Exclusions::new(15);
+    let ex = Exclusions::new(pg.major());
     let files = checksummed_files(&c.data, ex);
     assert!(
         files.contains(&rel) && files.iter().any(|f| f.starts_with("global/")),
@@ -379,4 +378,14 @@ fn pages_written_by_postgres_15_verify_and_a_flipped_byte_is_found() {
         stderr.contains(&want),
         "pg_checksums said:\n{stderr}\nexpected a line with:\n{want}"
     );
+}
+
+#[test]
+fn pages_written_by_postgres_15_verify_and_a_flipped_byte_is_found() {
+    pages_verify_and_a_flipped_byte_is_found(Pg::V15);
+}
+
+#[test]
+fn pages_written_by_postgres_17_verify_and_a_flipped_byte_is_found() {
+    pages_verify_and_a_flipped_byte_is_found(Pg::V17);
 }
