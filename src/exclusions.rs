@@ -12,6 +12,12 @@
 //! `pg_tblspc/<oid>` links. Only the tablespace's own version directory
 //! (`PG_<major>_<catversion>`) is copied from a tablespace location.
 //!
+//! A caller that sees through links (`pg_stat_file` follows them) sees `pg_tblspc/<oid>` and a
+//! linked `pg_wal` as directories: the verdicts are the same, and walking a tablespace through
+//! its link as [`Root::DataDir`] works (database directories under
+//! `pg_tblspc/<oid>/PG_…/` are recognised), but such a caller cannot leave out the stray links
+//! the server skips ([`SkipReason::SpecialFile`]).
+//!
 //! Checked against the sources of PostgreSQL 15 and 17, and against `BASE_BACKUP` itself (by
 //! the `client_side` integration tests). The differences: 17 also creates `pg_wal/summaries`
 //! and looks for unlogged relations in `global/` too. 16 is treated as 15 (not checked against
