@@ -9,6 +9,7 @@
 
 mod auth;
 mod dial;
+pub mod sql;
 pub mod tls;
 
 use std::collections::HashMap;
@@ -457,6 +458,14 @@ impl Connection {
                     return Err(Error::Protocol(
                         "authentication request after startup".into(),
                     ))
+                }
+                // Only an extended-protocol exchange (`sql::SqlSession`) produces these.
+                BackendMessage::Extended(m) => {
+                    self.state = State::Broken;
+                    return Err(Error::Protocol(format!(
+                        "unexpected {} in response to a simple query",
+                        m.name()
+                    )));
                 }
             };
             return Ok(Some(ev));

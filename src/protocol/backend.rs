@@ -68,6 +68,8 @@ pub enum BackendMessage {
     NoticeResponse(DbError),
     /// 'A' and 'v' and anything else we tolerate but do not use.
     Ignored(u8),
+    /// A message only the extended query protocol produces ('1', '2', '3', 't', 'n', 's').
+    Extended(super::extended::ExtendedMessage),
 }
 
 impl BackendMessage {
@@ -91,6 +93,7 @@ impl BackendMessage {
             BackendMessage::ErrorResponse(_) => ("ErrorResponse", b'E'),
             BackendMessage::NoticeResponse(_) => ("NoticeResponse", b'N'),
             BackendMessage::Ignored(t) => return format!("message of type '{}'", t.escape_ascii()),
+            BackendMessage::Extended(m) => return m.name().to_string(),
         };
         format!("{name} ('{}')", tag as char)
     }
@@ -248,6 +251,9 @@ fn parse_body(tag: u8, body: Bytes) -> Result<BackendMessage> {
         b'E' => BackendMessage::ErrorResponse(parse_fields(&mut r)?),
         b'N' => BackendMessage::NoticeResponse(parse_fields(&mut r)?),
         b'A' | b'v' => BackendMessage::Ignored(tag),
+        t if super::extended::is_extended_tag(t) => {
+            BackendMessage::Extended(super::extended::parse_body(t, r.b)?)
+        }
         other => {
             return Err(Error::Protocol(format!(
                 "unexpected message type '{}' (0x{other:02x})",

@@ -5,6 +5,7 @@
 
 pub mod backend;
 pub mod basebackup;
+pub mod extended;
 pub mod files_content;
 pub mod sqlstate;
 pub mod tar;
