@@ -2,7 +2,7 @@
 //!
 //! Data flows one way: [`conninfo`] → [`conn`] (dial, TLS, auth, query/copy) → typed
 //! [`replication`] commands (bytes decoded by [`protocol`]) → a [`source`] (the BASE_BACKUP
-//! stream, or the parallel workers' range fetchers) → a [`sink`] (the plain directory, with
+//! stream, or the parallel or sql workers' range fetchers) → a [`sink`] (the plain directory, with
 //! the manifest tee). One [`session`] frames every backup: leader, checks, method, WAL
 //! stream ([`wal`]) beside the copy, damaged pages, labels, the manifest last ([`durable`]).
 //! [`options`] are checked before any of it; the binary owns flags, printing and signals.
@@ -19,6 +19,7 @@ pub mod manifest;
 pub mod options;
 pub mod pagecheck;
 pub mod plan;
+pub mod privileges;
 pub mod progress;
 pub mod protocol;
 pub mod recovery;

@@ -56,12 +56,15 @@ enum CheckpointArg {
 /// `--method`.
 #[derive(Debug, Clone, Copy, ValueEnum)]
 enum MethodArg {
-    /// Parallel when the server offers it, else stream.
+    /// Parallel when the server offers it, else sql when the role may, else stream.
     Auto,
     /// BASE_BACKUP over one connection (any PostgreSQL 15 or later).
     Stream,
     /// START_BACKUP / SEND_FILES_CONTENT over --jobs connections (patched servers).
     Parallel,
+    /// pg_backup_start / pg_read_binary_file over --jobs SQL sessions (PostgreSQL 15 or
+    /// later; `pgpar check` lists the privileges it needs).
+    Sql,
 }
 
 /// `-P`.
@@ -129,10 +132,10 @@ struct BackupArgs {
     /// Backup method.
     #[arg(long, value_enum, default_value = "auto")]
     method: MethodArg,
-    /// Worker connections for the parallel method.
+    /// Worker connections for the parallel and sql methods.
     #[arg(short = 'j', long, default_value_t = 4)]
     jobs: usize,
-    /// Files larger than this are split into ranges spread over the workers (parallel method).
+    /// Files larger than this are split into ranges spread over the workers (parallel and sql methods).
     #[arg(long, default_value = "64MB", value_name = "SIZE")]
     chunk_size: String,
     /// Write standby.signal and primary_conninfo so the backup starts as a standby.
@@ -178,6 +181,7 @@ impl BackupArgs {
                 MethodArg::Auto => MethodChoice::Auto,
                 MethodArg::Stream => MethodChoice::Stream,
                 MethodArg::Parallel => MethodChoice::Parallel,
+                MethodArg::Sql => MethodChoice::Sql,
             },
             jobs: self.jobs,
             chunk_size: self.chunk_size.clone(),

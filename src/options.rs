@@ -34,12 +34,15 @@ impl Checkpoint {
 /// `--method`: what the user asked for (the session resolves it to a [`Method`]).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum MethodChoice {
-    /// Parallel when the server offers it, else stream.
+    /// Parallel when the server offers it, else sql when the role may, else stream.
     Auto,
     /// BASE_BACKUP over one connection (any PostgreSQL 15 or later).
     Stream,
     /// START_BACKUP / SEND_FILES_CONTENT over --jobs connections (patched servers).
     Parallel,
+    /// pg_backup_start and pg_read_binary_file over --jobs SQL sessions (any 15 or later,
+    /// with the privileges `pgpar check` lists).
+    Sql,
 }
 
 /// The method a backup runs with.
@@ -49,6 +52,8 @@ pub enum Method {
     Stream,
     /// Our commands over `jobs` worker connections.
     Parallel,
+    /// SQL functions over `jobs` worker sessions.
+    Sql,
 }
 
 impl Method {
@@ -57,6 +62,7 @@ impl Method {
         match self {
             Method::Stream => "stream",
             Method::Parallel => "parallel",
+            Method::Sql => "sql",
         }
     }
 }

@@ -34,6 +34,7 @@ use crate::sink::dir::PlainDir;
 use crate::sink::plain::{make_dir, prepare_empty_dir};
 use crate::sink::seam::Sink;
 use crate::source::parallel::ParallelSource;
+use crate::source::sql::SqlSource;
 use crate::source::stream::StreamSource;
 use crate::wal::{self, WalOptions, WalResult};
 
@@ -53,8 +54,10 @@ pub trait Reporter: Send + Sync {
 /// The summary of a finished backup (`--json`).
 #[derive(Debug, Serialize)]
 pub struct Summary {
-    /// "stream" or "parallel".
+    /// "stream", "parallel" or "sql".
     pub method: &'static str,
+    /// Why this method: the line announcing an automatic choice, or that it was asked for.
+    pub method_choice: String,
     /// The backup directory.
     pub backup_dir: String,
     /// Bytes of file data written.
@@ -222,6 +225,12 @@ pub(crate) trait Source {
         s: &Session<'_>,
         leader: &mut Connection,
     ) -> impl Future<Output = Result<(Lsn, u32)>> + Send;
+
+    /// The `backup_label` when the server hands it over only as the backup stops (the sql
+    /// method's `pg_backup_stop`); written then, with the tablespace map.
+    fn label_at_stop(&mut self) -> Option<String> {
+        None
+    }
 }
 
 /// Everything we created, removed on failure.
@@ -350,7 +359,7 @@ async fn backup(
         sys.system_identifier,
         sys.timeline
     );
-    let method = choose_method(opts, &mut leader, reporter.as_ref()).await?;
+    let (method, method_choice) = choose_method(cfg, opts, &mut leader, reporter.as_ref()).await?;
     let seg_size = replication::wal_segment_size(&mut leader).await?;
     let wal_level = replication::show(&mut leader, "wal_level")
         .await?
@@ -377,41 +386,103 @@ async fn backup(
         cluster_mode,
     };
     let wal = WalSlot::prepare(&s, cleanup).await?;
-    match method {
+    let mut summary = match method {
         Method::Parallel => frame(&s, leader, wal, cleanup, ParallelSource::default()).await,
         Method::Stream => frame(&s, leader, wal, cleanup, StreamSource::default()).await,
-    }
+        Method::Sql => frame(&s, leader, wal, cleanup, SqlSource::default()).await,
+    }?;
+    summary.method_choice = method_choice;
+    Ok(summary)
 }
 
+/// Resolves `--method`: the parallel commands when the server offers them, else the sql
+/// method when the role has its privileges, else the stream method. Returns the method and
+/// one line saying why; an automatic choice is announced with it.
 async fn choose_method(
+    cfg: &ConnConfig,
     opts: &BackupOptions,
     leader: &mut Connection,
     reporter: &dyn Reporter,
-) -> Result<Method> {
+) -> Result<(Method, String)> {
+    let target = leader.target().to_string();
+    let asked = |m: Method| {
+        (
+            m,
+            format!("{} method, as asked (--method {})", m.name(), m.name()),
+        )
+    };
+    if opts.method == MethodChoice::Stream {
+        return Ok(asked(Method::Stream));
+    }
+    if opts.method == MethodChoice::Sql {
+        return match sql_method_privileges(cfg).await {
+            Ok(p) if p.sql_method() => Ok(asked(Method::Sql)),
+            Ok(p) => Err(Error::Failed(format!(
+                "--method sql: role {} on server {target} lacks privileges the sql method needs; \
+                 as a superuser, run: {}",
+                p.role,
+                p.grants().join(" ")
+            ))),
+            Err(e) => Err(e.context("--method sql: checking the role's privileges")),
+        };
+    }
     let offered = crate::check::parallel_protocol(leader).await?;
-    Ok(match (opts.method, offered) {
-        (MethodChoice::Stream, _) => Method::Stream,
-        (MethodChoice::Auto | MethodChoice::Parallel, Some(1)) => Method::Parallel,
+    let choice = match (opts.method, offered) {
+        (MethodChoice::Parallel, Some(1)) => asked(Method::Parallel),
+        (MethodChoice::Auto, Some(1)) => (
+            Method::Parallel,
+            format!(
+                "server {target} offers parallel backup; using the parallel method ({} connections)",
+                opts.jobs
+            ),
+        ),
         (MethodChoice::Parallel, Some(v)) => {
             return Err(Error::Failed(format!(
-                "server {} speaks parallel backup protocol {v}, this pgpar speaks 1; use --method stream",
-                leader.target()
+                "server {target} speaks parallel backup protocol {v}, this pgpar speaks 1; use --method sql or --method stream"
             )))
         }
         (MethodChoice::Parallel, None) => {
             return Err(Error::Failed(format!(
-                "--method parallel: server {} does not offer the parallel backup commands (it lacks the pgpar server patch); use --method stream",
-                leader.target()
+                "--method parallel: server {target} does not offer the parallel backup commands (it lacks the pgpar server patch); use --method sql or --method stream"
             )))
         }
-        (MethodChoice::Auto, _) => {
-            reporter.notice(&format!(
-                "server {} does not offer parallel backup; using the stream method (one connection)",
-                leader.target()
-            ));
-            Method::Stream
-        }
-    })
+        (_, _) => match sql_method_privileges(cfg).await {
+            Ok(p) if p.sql_method() => (
+                Method::Sql,
+                format!(
+                    "server {target} does not offer parallel backup; using the sql method ({} sessions)",
+                    opts.jobs
+                ),
+            ),
+            Ok(p) => (
+                Method::Stream,
+                format!(
+                    "server {target} does not offer parallel backup and role {} lacks the sql method's privileges \
+                     (see pgpar check); using the stream method (one connection)",
+                    p.role
+                ),
+            ),
+            Err(e) => (
+                Method::Stream,
+                format!(
+                    "server {target} does not offer parallel backup and the sql method's privileges could not be \
+                     checked ({e}); using the stream method (one connection)"
+                ),
+            ),
+        },
+    };
+    if opts.method == MethodChoice::Auto {
+        reporter.notice(&choice.1);
+    }
+    Ok(choice)
+}
+
+/// The role's privileges for the sql method, over a short SQL session.
+async fn sql_method_privileges(cfg: &ConnConfig) -> Result<crate::privileges::Privileges> {
+    let mut sess = crate::conn::sql::SqlSession::connect(cfg).await?;
+    let p = crate::privileges::Privileges::of(&mut sess).await;
+    sess.close().await;
+    p
 }
 
 async fn check_wal_senders(opts: &BackupOptions, leader: &mut Connection) -> Result<()> {
@@ -474,6 +545,11 @@ async fn frame<S: Source>(
         }
         r => r?,
     };
+    let mut started = started;
+    if let Some(label) = source.label_at_stop() {
+        sink.put("backup_label", label.as_bytes())?;
+        started.backup_label = Some(label);
+    }
     s.step(&format!("waiting for WAL up to {stop}"));
     let walres = wal.finish(stop).await?;
 
@@ -527,6 +603,7 @@ async fn frame<S: Source>(
         .map_err(|e| Error::Failed(format!("sync task failed: {e}")))??;
     Ok(Summary {
         method: S::METHOD.name(),
+        method_choice: String::new(),
         backup_dir: s.opts.dir.display().to_string(),
         bytes: copied.bytes,
         files: copied.files,
@@ -536,7 +613,7 @@ async fn frame<S: Source>(
         stop_lsn: stop.to_string(),
         timeline: stop_tli,
         wal_segments: walres.segments.len(),
-        jobs: if S::METHOD == Method::Parallel {
+        jobs: if matches!(S::METHOD, Method::Parallel | Method::Sql) {
             s.opts.jobs
         } else {
             1

@@ -11,6 +11,7 @@
 use super::{log_notice, redact, Connection, Replication, Row, State};
 use crate::conninfo::ConnConfig;
 use crate::error::{DbError, Error, Result};
+use crate::protocol::backend::BackendMessage;
 pub use crate::protocol::extended::Format;
 use crate::protocol::extended::{self, Expect, Pipeline, Step};
 
@@ -249,6 +250,19 @@ impl SqlSession {
             }
         }
         Ok(())
+    }
+
+    /// While the session sits idle: waits until the server ends it (or the connection
+    /// breaks) and returns why. Cancel-safe, so it can race other work in a `select!`.
+    pub async fn watch(&mut self) -> Error {
+        loop {
+            match self.conn.read_message().await {
+                Err(e) => return e,
+                Ok(BackendMessage::ErrorResponse(db)) => return self.server_error(db),
+                Ok(BackendMessage::NoticeResponse(n)) => log_notice(&n),
+                Ok(_) => {}
+            }
+        }
     }
 
     /// Ends the session politely.

@@ -2,9 +2,10 @@
 //!
 //! A source turns one backup method's commands into sink entries and file bytes. The stream
 //! method reads one BASE_BACKUP tar stream; the parallel method lists files and fetches
-//! ranges over N workers; the coming sql method will read ranges with `pg_read_binary_file`
-//! over N sessions. Methods that fetch ranges share the worker pool ([`pool`]) and differ
-//! only in their range fetcher ([`fetch`]): SEND_FILES_CONTENT here ([`content`]).
+//! ranges over N workers; the sql method reads ranges with `pg_read_binary_file` over N
+//! SQL sessions ([`sql`]). Methods that fetch ranges share the worker pool ([`pool`]) and
+//! differ only in their range fetcher ([`fetch`]): SEND_FILES_CONTENT ([`content`]) or
+//! `pg_read_binary_file` ([`sql`]).
 //! A source must not decide policy (damaged pages, vanished files) or finish the backup:
 //! that is the session's.
 
@@ -12,4 +13,5 @@ pub mod content;
 pub mod fetch;
 pub(crate) mod parallel;
 pub mod pool;
+pub(crate) mod sql;
 pub(crate) mod stream;

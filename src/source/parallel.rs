@@ -64,7 +64,7 @@ impl ParallelSource {
 
     /// Lays down directories and links, registers every file with the sink (creating the
     /// empty ones), and returns the listing as the pool needs it.
-    fn lay_out(
+    pub(super) fn lay_out(
         s: &Session<'_>,
         files: &[FileEntry],
         p: &plan::Plan,
@@ -236,7 +236,7 @@ impl Source for ParallelSource {
 /// What the pool's outcomes mean for the manifest: vanished files leave the backup, the
 /// others get their real size and the checksum taken as they passed; damaged pages are
 /// described for the session's policy.
-fn collect(
+pub(super) fn collect(
     files: &[FileEntry],
     pool: &Pool,
     sink: &PlainDir,
