@@ -21,3 +21,4 @@ mod partial;
 mod patch;
 mod pipeline;
 mod setup;
+mod sql;
