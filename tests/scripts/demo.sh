@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
-# `make demo`: back up a throwaway PostgreSQL 15 cluster with pgpar, verify the backup, start it
-# as a second server, and compare what both servers return. Everything lives under one temporary
+# `make demo`: back up a throwaway stock PostgreSQL 15 cluster with pgpar over 4 sessions at
+# once (the sql method, as a least-privilege role), verify the backup, start it as a second
+# server, and compare what both servers return. Everything lives under one temporary
 # directory that is removed (servers stopped) on exit, whatever happens.
 #
 # make has already installed the dependencies (tests/scripts/deps.sh) and built
@@ -66,9 +67,22 @@ psql_on "$SRC_PORT" "
     CREATE INDEX notes_body ON notes (left(body, 8));"
 echo "source size: $(psql_on "$SRC_PORT" "SELECT pg_size_pretty(pg_database_size('postgres'))")"
 
-heading "Backing up with pgpar"
-echo "\$ $PGPAR backup -D $BACKUP -d 'host=$SOCK port=$SRC_PORT user=postgres' -c fast -P"
-"$PGPAR" backup -D "$BACKUP" -d "host=$SOCK port=$SRC_PORT user=postgres" -c fast -P
+heading "A least-privilege backup role (README: the sql method, and a least-privilege role)"
+ROLE_SQL="CREATE ROLE pgpar_backup LOGIN REPLICATION;
+GRANT EXECUTE ON FUNCTION pg_catalog.pg_backup_start(text, boolean) TO pgpar_backup;
+GRANT EXECUTE ON FUNCTION pg_catalog.pg_backup_stop(boolean) TO pgpar_backup;
+GRANT EXECUTE ON FUNCTION pg_catalog.pg_ls_dir(text, boolean, boolean) TO pgpar_backup;
+GRANT EXECUTE ON FUNCTION pg_catalog.pg_stat_file(text, boolean) TO pgpar_backup;
+GRANT EXECUTE ON FUNCTION pg_catalog.pg_read_binary_file(text, bigint, bigint, boolean) TO pgpar_backup;"
+echo "$ROLE_SQL"
+psql_on "$SRC_PORT" "$ROLE_SQL"
+CONN="host=$SOCK port=$SRC_PORT user=pgpar_backup"
+echo "\$ $PGPAR check -d '$CONN'"
+"$PGPAR" check -d "$CONN"
+
+heading "Backing up with pgpar: 4 SQL sessions in parallel (the sql method)"
+echo "\$ $PGPAR backup -D $BACKUP -d '$CONN' -c fast --method sql -j 4 -P"
+"$PGPAR" backup -D "$BACKUP" -d "$CONN" -c fast --method sql -j 4 -P
 
 heading "Verifying the backup with pg_verifybackup"
 "$BINDIR/pg_verifybackup" "$BACKUP"
