@@ -754,3 +754,125 @@ impl SqlFetcher<'_> {
         Ok(Some(bad))
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn row(path: &str, isdir: bool, size: u64) -> Listed {
+        Listed {
+            path: path.into(),
+            isdir,
+            size,
+            mtime: 1,
+        }
+    }
+
+    /// The listing as the recursive query returns it (breadth first, not sorted).
+    fn listing() -> Vec<Listed> {
+        vec![
+            row("base", true, 0),
+            row("global", true, 0),
+            row("pg_wal", true, 0),
+            row("pg_tblspc", true, 0),
+            row("pg_stat_tmp", true, 0),
+            row("postmaster.pid", false, 80),
+            row("PG_VERSION", false, 3),
+            row("base/5", true, 0),
+            row("global/pg_control", false, 8192),
+            row("global/1262", false, 8192),
+            row("pg_tblspc/16400", true, 0),
+            row("base/5/16384", false, 8192),
+            row("base/5/16384_init", false, 0),
+            row("base/5/16390", false, 16384),
+            row("base/5/t3_16391", false, 8192),
+            row("base/5/pg_internal.init", false, 100),
+            row("pg_tblspc/16400/PG_15_202209061", true, 0),
+            row("pg_tblspc/16400/PG_14_202107181", true, 0),
+            row("pg_tblspc/16400/PG_15_202209061/5", true, 0),
+            row("pg_tblspc/16400/PG_14_202107181/5", true, 0),
+            row("pg_tblspc/16400/PG_15_202209061/5/16500", false, 8192),
+            row("pg_tblspc/16400/PG_15_202209061/5/16500_vm", false, 8192),
+            row("pg_tblspc/16400/PG_14_202107181/5/1", false, 8192),
+        ]
+    }
+
+    #[test]
+    fn the_listing_takes_send_file_lists_shape_with_base_backups_exclusions() {
+        let ts: HashMap<u32, String> = [(16400, "/srv/ts".to_string())].into();
+        let got = entries(listing(), &ts, Exclusions::new(15), 15);
+        let paths: Vec<(&str, FileKind, Option<u32>)> = got
+            .iter()
+            .map(|f| (f.path.as_str(), f.kind, f.spcoid))
+            .collect();
+        let d = FileKind::Dir;
+        let f = FileKind::File;
+        assert_eq!(
+            paths,
+            [
+                ("base", d, None),
+                ("global", d, None),
+                ("pg_wal", d, None),
+                ("pg_wal/archive_status", d, None),
+                ("pg_tblspc", d, None),
+                ("pg_stat_tmp", d, None),
+                ("PG_VERSION", f, None),
+                ("base/5", d, None),
+                ("base/5/16384_init", f, None),
+                ("base/5/16390", f, None),
+                ("global/pg_control", f, None),
+                ("global/1262", f, None),
+                ("pg_tblspc/16400", FileKind::Link, None),
+                ("pg_tblspc/16400/PG_15_202209061", d, Some(16400)),
+                ("pg_tblspc/16400/PG_15_202209061/5", d, Some(16400)),
+                ("pg_tblspc/16400/PG_15_202209061/5/16500", f, Some(16400)),
+                ("pg_tblspc/16400/PG_15_202209061/5/16500_vm", f, Some(16400)),
+            ]
+        );
+        let link = got.iter().find(|f| f.kind == FileKind::Link).unwrap();
+        assert_eq!(link.link_target.as_deref(), Some("/srv/ts"));
+        // Every entry's parent comes before it.
+        for (i, e) in got.iter().enumerate() {
+            if let Some((parent, _)) = e.path.rsplit_once('/') {
+                assert!(
+                    got[..i].iter().any(|p| p.path == parent),
+                    "{} before its parent",
+                    e.path
+                );
+            }
+        }
+        let plan = plan::plan(&got, PlanConfig::default());
+        assert_eq!(got[plan.control.unwrap()].path, "global/pg_control");
+    }
+
+    #[test]
+    fn an_in_place_tablespace_is_walked_as_part_of_the_data_directory() {
+        let rows = vec![
+            row("pg_tblspc", true, 0),
+            row("pg_tblspc/16400", true, 0),
+            row("pg_tblspc/16400/PG_15_202209061", true, 0),
+            row("pg_tblspc/16400/PG_15_202209061/5", true, 0),
+            row("pg_tblspc/16400/PG_15_202209061/5/16500", false, 8192),
+            row("pg_tblspc/16400/PG_15_202209061/5/t4_16501", false, 8192),
+        ];
+        let got = entries(rows, &HashMap::new(), Exclusions::new(15), 15);
+        let paths: Vec<(&str, FileKind, Option<u32>)> = got
+            .iter()
+            .map(|f| (f.path.as_str(), f.kind, f.spcoid))
+            .collect();
+        assert_eq!(
+            paths,
+            [
+                ("pg_tblspc", FileKind::Dir, None),
+                ("pg_tblspc/16400", FileKind::Dir, None),
+                ("pg_tblspc/16400/PG_15_202209061", FileKind::Dir, None),
+                ("pg_tblspc/16400/PG_15_202209061/5", FileKind::Dir, None),
+                (
+                    "pg_tblspc/16400/PG_15_202209061/5/16500",
+                    FileKind::File,
+                    None
+                ),
+            ]
+        );
+    }
+}

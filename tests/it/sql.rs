@@ -627,3 +627,37 @@ fn damaged_page_is_found_on_the_client_unless_told_not_to_verify() {
     assert_sql_method(&out, 2);
     c.pg_verifybackup(&target);
 }
+
+#[test]
+fn sql_backup_of_a_standby_restores() {
+    // A standby's stop LSN is its minimum recovery point, which is only right because
+    // global/pg_control is read after every other file.
+    let c = Cluster::new(Pg::V15);
+    c.pgbench_init(2);
+    let dir = scratch_dir();
+    let standby_dir = dir.path().join("standby");
+    sbackup(&c, &standby_dir, &["-j", "2", "-R"]).assert_success();
+    let standby = c.start_backup_copy(&standby_dir);
+    assert_eq!(standby.psql("SELECT pg_is_in_recovery();").trim(), "t");
+    c.psql("CREATE TABLE after_standby AS SELECT g FROM generate_series(1, 1000) g;");
+    let deadline = Instant::now() + Duration::from_secs(60);
+    while standby
+        .psql("SELECT count(*) FROM pg_class WHERE relname = 'after_standby';")
+        .trim()
+        != "1"
+    {
+        assert!(Instant::now() < deadline, "the standby never caught up");
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    let target = dir.path().join("from-standby");
+    let out = sbackup(&standby, &target, &["-j", "3", "--chunk-size", "1MB"]);
+    assert_sql_method(&out, 3);
+    let label = fs::read_to_string(target.join("backup_label")).unwrap();
+    assert!(label.contains("BACKUP FROM: standby"), "{label}");
+    standby.pg_verifybackup(&target);
+    fs::remove_file(target.join("standby.signal")).unwrap();
+    let copy = standby.start_backup_copy(&target);
+    let q =
+        "SELECT count(*), sum(abalance) FROM pgbench_accounts; SELECT count(*) FROM after_standby;";
+    assert_eq!(copy.psql(q), c.psql(q));
+}
