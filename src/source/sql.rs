@@ -78,6 +78,20 @@ WITH RECURSIVE walk(path, isdir, size, mtime) AS (
 )
 SELECT path, isdir, size, extract(epoch FROM mtime)::int8 FROM walk WHERE size IS NOT NULL";
 
+/// Opens a session for the backup: no timeouts (a role's `idle_session_timeout` would end the
+/// leader while it holds the backup open, a `statement_timeout` a long read), and the read
+/// statement prepared.
+async fn open_session(cfg: &ConnConfig) -> Result<SqlSession> {
+    let mut sess = SqlSession::connect(cfg).await?;
+    sess.query(
+        "SELECT pg_catalog.set_config(name, '0', false) FROM unnest($1::text[]) AS name",
+        &["{statement_timeout,idle_session_timeout,idle_in_transaction_session_timeout}"],
+    )
+    .await?;
+    sess.prepare(READ_STATEMENT, READ_SQL, READ_TYPES).await?;
+    Ok(sess)
+}
+
 /// The sql method; holds the running backup between its steps.
 #[derive(Default)]
 pub(crate) struct SqlSource {
@@ -246,14 +260,10 @@ impl Source for SqlSource {
     const METHOD: Method = Method::Sql;
 
     async fn start(&mut self, s: &Session<'_>, _repl: &mut Connection) -> Result<Started> {
-        let mut leader = SqlSession::connect(s.cfg)
+        // The read statement is for global/pg_control, read on the leader last.
+        let mut leader = open_session(s.cfg)
             .await
             .map_err(|e| e.context("leader session"))?;
-        // For global/pg_control, read on the leader after every other file.
-        leader
-            .prepare(READ_STATEMENT, READ_SQL, READ_TYPES)
-            .await
-            .map_err(|e| e.context("leader"))?;
         s.step(&format!(
             "starting sql backup with {} worker sessions (checkpoint {}) on {}",
             s.opts.jobs,
@@ -492,8 +502,7 @@ impl Connector for SqlConnector {
     type Fetcher = SqlFetcher<'static>;
 
     async fn connect(&self) -> Result<SqlFetcher<'static>> {
-        let mut sess = SqlSession::connect(&self.cfg).await?;
-        sess.prepare(READ_STATEMENT, READ_SQL, READ_TYPES).await?;
+        let sess = open_session(&self.cfg).await?;
         Ok(SqlFetcher {
             sess: Held::Owned(Box::new(sess)),
             verify: self.verify.clone().map(|v| (v, self.cfg.clone())),
@@ -713,9 +722,7 @@ impl SqlFetcher<'_> {
         }
         let start_lsn = verify.start_lsn;
         if self.side.is_none() {
-            let mut side = SqlSession::connect(cfg).await?;
-            side.prepare(READ_STATEMENT, READ_SQL, READ_TYPES).await?;
-            self.side = Some(side);
+            self.side = Some(open_session(cfg).await?);
         }
         let side = self.side.as_mut().expect("opened above");
         let mut bad = Vec::new();

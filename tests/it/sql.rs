@@ -661,3 +661,23 @@ fn sql_backup_of_a_standby_restores() {
         "SELECT count(*), sum(abalance) FROM pgbench_accounts; SELECT count(*) FROM after_standby;";
     assert_eq!(copy.psql(q), c.psql(q));
 }
+
+#[test]
+fn role_timeouts_do_not_end_the_backup() {
+    // The leader sits idle while the workers copy, and a listing or a read may take longer
+    // than a role's statement_timeout: the sessions turn both off for themselves.
+    let c = Cluster::new(Pg::V15);
+    c.pgbench_init(2);
+    backup_superuser(&c);
+    c.psql(
+        "ALTER ROLE sql_backup SET statement_timeout = '20ms';
+         ALTER ROLE sql_backup SET idle_session_timeout = '100ms';",
+    );
+    let dir = scratch_dir();
+    let target = dir.path().join("backup");
+    // Rate-limited to about 3 s: the leader is idle far longer than 100 ms.
+    let out = sbackup_as(&c, "sql_backup", &target, &["-j", "2", "-r", "10M"]);
+    assert_sql_method(&out, 2);
+    assert!(out.json()["seconds"].as_f64().unwrap() > 1.0, "{out}");
+    c.pg_verifybackup(&target);
+}
