@@ -677,7 +677,7 @@ async fn damaged(s: &Session<'_>, sink: &Arc<PlainDir>, d: Damage) -> Error {
     let synced = tokio::task::spawn_blocking(move || fin.finish(None, sync)).await;
     match synced {
         Ok(Ok(())) => Error::DataChecksums(format!(
-            "{what} failed checksum verification on the server: the source cluster is damaged \
+            "{what} failed checksum verification: the source cluster is damaged \
              (use --no-verify-checksums to take the backup anyway)"
         )),
         Ok(Err(e)) => e,

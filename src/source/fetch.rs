@@ -28,7 +28,8 @@ pub struct Request<'a> {
     pub length: u64,
 }
 
-/// Pages of a range that failed checksum verification on the server.
+/// Pages of a range that failed checksum verification (on the server, or for the sql method
+/// on the client).
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct Damaged {
     /// How many pages failed.
