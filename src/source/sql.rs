@@ -877,3 +877,362 @@ mod tests {
         );
     }
 }
+
+#[cfg(test)]
+mod fake_server_tests {
+    //! The sql method's fetcher and the pool against a fake server below the socket: a Unix
+    //! socket that accepts any role (trust), answers the extended protocol for the read
+    //! statement from files in memory, and misbehaves on request.
+
+    use std::collections::{HashMap, VecDeque};
+    use std::sync::atomic::{AtomicUsize, Ordering};
+    use std::sync::Mutex;
+
+    use bytes::{Buf, BufMut, BytesMut};
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    use tokio::net::{UnixListener, UnixStream};
+
+    use super::*;
+    use crate::pagecheck::checksum_page;
+    use crate::plan::plan;
+    use crate::progress::Progress;
+    use crate::sink::plain::TablespaceMap;
+    use crate::sink::seam::{Entry, Kind, Root as SinkRoot};
+
+    struct Files {
+        files: HashMap<String, Vec<u8>>,
+        /// Served once, instead of the file's bytes, for a read of (path, offset).
+        first_reads: Mutex<HashMap<(String, u64), Vec<u8>>>,
+        /// Reads served so far, over every connection.
+        reads: AtomicUsize,
+        /// End the session (FATAL, as pg_terminate_backend does) at these read counts.
+        kill_at: Mutex<VecDeque<usize>>,
+        connects: AtomicUsize,
+    }
+
+    fn msg(out: &mut BytesMut, tag: u8, body: &[u8]) {
+        out.put_u8(tag);
+        out.put_i32(body.len() as i32 + 4);
+        out.put_slice(body);
+    }
+
+    fn cstr(b: &mut &[u8]) -> String {
+        let n = b.iter().position(|&c| c == 0).unwrap();
+        let s = String::from_utf8(b[..n].to_vec()).unwrap();
+        b.advance(n + 1);
+        s
+    }
+
+    async fn session(mut sock: UnixStream, files: Arc<Files>) {
+        files.connects.fetch_add(1, Ordering::Relaxed);
+        let len = sock.read_i32().await.unwrap();
+        let mut startup = vec![0; len as usize - 4];
+        sock.read_exact(&mut startup).await.unwrap();
+        let mut out = BytesMut::new();
+        msg(&mut out, b'R', &0i32.to_be_bytes());
+        msg(&mut out, b'S', b"server_version\x0015.18\0");
+        msg(&mut out, b'K', &[0, 0, 0, 7, 0, 0, 0, 9]);
+        msg(&mut out, b'Z', b"I");
+        sock.write_all(&out).await.unwrap();
+        let mut statements: HashMap<String, String> = HashMap::new();
+        let mut bound: (String, Vec<Option<Vec<u8>>>) = Default::default();
+        loop {
+            let Ok(tag) = sock.read_u8().await else {
+                return;
+            };
+            let len = sock.read_i32().await.unwrap();
+            let mut body = vec![0; len as usize - 4];
+            sock.read_exact(&mut body).await.unwrap();
+            let mut b = &body[..];
+            let mut out = BytesMut::new();
+            match tag {
+                b'P' => {
+                    let name = cstr(&mut b);
+                    statements.insert(name, cstr(&mut b));
+                    msg(&mut out, b'1', b"");
+                }
+                b'B' => {
+                    let _portal = cstr(&mut b);
+                    let stmt = cstr(&mut b);
+                    let nfmt = b.get_i16();
+                    b.advance(2 * nfmt as usize);
+                    let n = b.get_i16();
+                    let mut params = Vec::new();
+                    for _ in 0..n {
+                        let l = b.get_i32();
+                        if l < 0 {
+                            params.push(None);
+                        } else {
+                            params.push(Some(b[..l as usize].to_vec()));
+                            b.advance(l as usize);
+                        }
+                    }
+                    bound = (stmt, params);
+                    msg(&mut out, b'2', b"");
+                }
+                b'E' if statements[&bound.0].contains("pg_read_binary_file") => {
+                    let p = |i: usize| String::from_utf8(bound.1[i].clone().unwrap()).unwrap();
+                    let (path, off, len) = (p(0), p(1).parse::<u64>().unwrap(), p(2));
+                    let len: u64 = len.parse().unwrap();
+                    let n = files.reads.fetch_add(1, Ordering::Relaxed) + 1;
+                    if files.kill_at.lock().unwrap().front() == Some(&n) {
+                        files.kill_at.lock().unwrap().pop_front();
+                        msg(
+                            &mut out,
+                            b'E',
+                            b"SFATAL\0VFATAL\0C57P01\0Mterminating connection due to administrator command\0\0",
+                        );
+                        let _ = sock.write_all(&out).await;
+                        return;
+                    }
+                    let once = files
+                        .first_reads
+                        .lock()
+                        .unwrap()
+                        .remove(&(path.clone(), off));
+                    let data = once.or_else(|| {
+                        files.files.get(&path).map(|f| {
+                            let start = (off as usize).min(f.len());
+                            let end = ((off + len) as usize).min(f.len());
+                            f[start..end].to_vec()
+                        })
+                    });
+                    let mut row = BytesMut::new();
+                    row.put_i16(1);
+                    match data {
+                        None => row.put_i32(-1),
+                        Some(d) => {
+                            row.put_i32(d.len() as i32);
+                            row.put_slice(&d);
+                        }
+                    }
+                    msg(&mut out, b'D', &row);
+                    msg(&mut out, b'C', b"SELECT 1\0");
+                }
+                b'E' => msg(&mut out, b'C', b"SELECT 3\0"),
+                b'S' => msg(&mut out, b'Z', b"I"),
+                b'X' => return,
+                other => panic!("the fake server got message '{}'", other as char),
+            }
+            if sock.write_all(&out).await.is_err() {
+                return;
+            }
+        }
+    }
+
+    /// A page with an LSN before any backup's start and a right checksum for `blkno`.
+    fn page(blkno: u32, fill: u8) -> Vec<u8> {
+        let mut p = [0u8; BLCKSZ];
+        p[12..14].copy_from_slice(&40u16.to_le_bytes());
+        p[14..16].copy_from_slice(&8000u16.to_le_bytes());
+        p[16..18].copy_from_slice(&8192u16.to_le_bytes());
+        p[18..20].copy_from_slice(&0x2004u16.to_le_bytes());
+        for (i, b) in p[8000..].iter_mut().enumerate() {
+            *b = fill.wrapping_add(i as u8);
+        }
+        let c = checksum_page(&p, blkno);
+        p[8..10].copy_from_slice(&c.to_le_bytes());
+        p.to_vec()
+    }
+
+    fn relation(pages: u32, seed: u8) -> Vec<u8> {
+        (0..pages)
+            .flat_map(|b| page(b, seed.wrapping_add(b as u8)))
+            .collect()
+    }
+
+    fn damage(bytes: &mut [u8], block: usize) {
+        bytes[block * BLCKSZ + 8100] ^= 0xff;
+    }
+
+    struct Quiet;
+    impl crate::session::Reporter for Quiet {
+        fn notice(&self, _: &str) {}
+        fn step(&self, _: &str) {}
+        fn warning(&self, _: &str) {}
+        fn progress(&self, _: &crate::progress::Snapshot) {}
+    }
+
+    struct Run {
+        dir: tempfile::TempDir,
+        pool: Arc<Pool>,
+        result: Result<()>,
+    }
+
+    /// Backs up `listed` (path, listed size) from `files` over `jobs` workers with 4-page
+    /// chunks, verifying pages.
+    fn run(files: Arc<Files>, listed: &[(&str, u64)], jobs: usize) -> Run {
+        let rt = tokio::runtime::Builder::new_multi_thread()
+            .worker_threads(2)
+            .enable_all()
+            .build()
+            .unwrap();
+        let sockdir = tempfile::tempdir().unwrap();
+        let dir = tempfile::tempdir().unwrap();
+        let list: Vec<FileEntry> = listed
+            .iter()
+            .map(|&(p, size)| FileEntry {
+                path: p.into(),
+                kind: FileKind::File,
+                size,
+                mtime: 0,
+                link_target: None,
+                spcoid: None,
+            })
+            .collect();
+        let sink = Arc::new(PlainDir::new(
+            dir.path().to_path_buf(),
+            HashMap::new(),
+            TablespaceMap::default(),
+        ));
+        std::fs::create_dir_all(dir.path().join("base/5")).unwrap();
+        let listed: Vec<crate::source::pool::Listed> = list
+            .iter()
+            .map(|f| crate::source::pool::Listed {
+                path: f.path.clone(),
+                size: f.size,
+                id: sink
+                    .entry(&Entry {
+                        root: SinkRoot::Data,
+                        path: &f.path,
+                        kind: Kind::File,
+                        mode: 0o600,
+                        link: "",
+                    })
+                    .unwrap(),
+            })
+            .collect();
+        let p = plan(
+            &list,
+            PlanConfig {
+                chunk_size: 4 * BLCKSZ as u64,
+                small_file: 2 * BLCKSZ as u64,
+                batch_bytes: 1 << 20,
+                batch_files: 10,
+            },
+        );
+        let digests = Digests::new(ChecksumKind::Crc32c);
+        let (s, d) = (sink.clone(), digests.clone());
+        let pool = Pool::new(
+            listed,
+            p.units,
+            Box::new(move || d.tee(s.writer())),
+            PoolConfig {
+                jobs,
+                retries: 3,
+                retry_delay: Duration::ZERO,
+                progress: Progress::new(None, 0, Arc::new(Quiet)),
+                throttle: None,
+            },
+        );
+        let segments = list.iter().map(|f| (f.path.clone(), 0)).collect();
+        let sock = sockdir.path().to_path_buf();
+        let result = rt.block_on(async {
+            let listener = UnixListener::bind(sock.join(".s.PGSQL.5999")).unwrap();
+            let server = tokio::spawn(async move {
+                loop {
+                    let (s, _) = listener.accept().await.unwrap();
+                    tokio::spawn(session(s, files.clone()));
+                }
+            });
+            let cfg = ConnConfig::parse(&format!(
+                "host={} port=5999 user=fake dbname=fake sslmode=disable",
+                sock.display()
+            ))
+            .unwrap();
+            let r = pool
+                .run(Arc::new(SqlConnector {
+                    cfg,
+                    verify: Some(Arc::new(Verify {
+                        start_lsn: Lsn(1 << 40),
+                        segments,
+                    })),
+                }))
+                .await;
+            server.abort();
+            r
+        });
+        Run { dir, pool, result }
+    }
+
+    #[test]
+    fn a_block_failing_once_is_read_again_and_counts_only_if_it_fails_twice() {
+        let torn_once = relation(10, 1);
+        let mut damaged = relation(3, 2);
+        damage(&mut damaged, 2);
+        let mut first = torn_once[..4 * BLCKSZ].to_vec();
+        damage(&mut first, 1);
+        let files = Arc::new(Files {
+            files: [
+                ("base/5/16384".to_string(), torn_once.clone()),
+                ("base/5/16385".to_string(), damaged.clone()),
+            ]
+            .into(),
+            first_reads: Mutex::new([(("base/5/16384".to_string(), 0), first)].into()),
+            reads: AtomicUsize::new(0),
+            kill_at: Mutex::new(VecDeque::new()),
+            connects: AtomicUsize::new(0),
+        });
+        let r = run(
+            files.clone(),
+            &[
+                ("base/5/16384", torn_once.len() as u64),
+                ("base/5/16385", damaged.len() as u64),
+            ],
+            2,
+        );
+        r.result.unwrap();
+        let o = r.pool.outcomes();
+        assert_eq!(o[0].damaged, Damaged::default(), "the re-read block passed");
+        assert_eq!(
+            o[1].damaged,
+            Damaged {
+                pages: 1,
+                blocks: vec![2]
+            }
+        );
+        // The copy holds what was read (WAL replay rewrites a torn page).
+        assert_eq!(
+            std::fs::read(r.dir.path().join("base/5/16385")).unwrap(),
+            damaged
+        );
+    }
+
+    #[test]
+    fn vanished_and_shrunk_files_and_a_killed_session_are_handled() {
+        let big = relation(12, 3);
+        let small = relation(1, 4);
+        let files = Arc::new(Files {
+            files: [
+                ("base/5/big".to_string(), big.clone()),
+                // Listed with 2 pages, now 1: a whole file read in one call.
+                ("base/5/small".to_string(), small.clone()),
+            ]
+            .into(),
+            first_reads: Mutex::new(HashMap::new()),
+            reads: AtomicUsize::new(0),
+            // The second read ends its session: its ranges are read again elsewhere.
+            kill_at: Mutex::new([2].into()),
+            connects: AtomicUsize::new(0),
+        });
+        let r = run(
+            files.clone(),
+            &[
+                ("base/5/big", big.len() as u64),
+                ("base/5/small", 2 * BLCKSZ as u64),
+                ("base/5/gone", 2 * BLCKSZ as u64),
+            ],
+            1,
+        );
+        r.result.unwrap();
+        assert_eq!(std::fs::read(r.dir.path().join("base/5/big")).unwrap(), big);
+        let o = r.pool.outcomes();
+        assert_eq!(o[1].real_length, Some(BLCKSZ as u64));
+        assert!(o[2].vanished);
+        assert_eq!(
+            files.connects.load(Ordering::Relaxed),
+            2,
+            "one reconnection after the killed session"
+        );
+    }
+}
