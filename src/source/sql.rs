@@ -48,8 +48,10 @@ const PIECE: u64 = 1 << 20;
 /// Calls in flight on one session: enough to keep the server busy while the client writes,
 /// few enough that the responses waiting in memory stay small.
 const WINDOW: usize = 8;
-/// Bytes handed to the writer at a time (slices of a piece, without copying).
-const SLICE: usize = 128 << 10;
+/// Bytes handed to the writer at a time (slices of a piece, without copying): the size of
+/// the parallel method's CopyData messages, so the pool's bounded write queue holds as much
+/// (a piece stays in memory while any slice of it waits there).
+const SLICE: usize = 32 << 10;
 
 /// The statement every worker prepares.
 const READ_SQL: &str = "SELECT pg_catalog.pg_read_binary_file($1, $2, $3, true)";

@@ -681,3 +681,22 @@ fn role_timeouts_do_not_end_the_backup() {
     assert!(out.json()["seconds"].as_f64().unwrap() > 1.0, "{out}");
     c.pg_verifybackup(&target);
 }
+
+#[test]
+fn sql_backup_peak_memory_stays_bounded_at_8_jobs() {
+    let c = Cluster::new(Pg::V15);
+    c.pgbench_init(15);
+    let dir = scratch_dir();
+    let target = dir.path().join("backup");
+    let out = sbackup(&c, &target, &["-j", "8", "--no-sync"]);
+    assert_sql_method(&out, 8);
+    let j = out.json();
+    let data_mb = j["bytes"].as_u64().unwrap_or(0) >> 20;
+    let peak_mb = j["peak_rss_mb"].as_f64().unwrap_or(f64::MAX);
+    assert!(data_mb > 200, "only {data_mb} MB backed up:\n{out}");
+    // The parallel method's bound: reads in flight and queued writes are bounded per session.
+    assert!(
+        peak_mb < 64.0,
+        "peak RSS {peak_mb} MB for a {data_mb} MB backup at -j 8:\n{out}"
+    );
+}
