@@ -227,7 +227,9 @@ pub(crate) trait Source {
     ) -> impl Future<Output = Result<(Lsn, u32)>> + Send;
 
     /// The `backup_label` when the server hands it over only as the backup stops (the sql
-    /// method's `pg_backup_stop`); written then, with the tablespace map.
+    /// method's `pg_backup_stop`); it then replaces the one [`Started`] gave, which must be a
+    /// placeholder a server refuses to start from, so that a copy interrupted after
+    /// `global/pg_control` still cannot start as a consistent cluster.
     fn label_at_stop(&mut self) -> Option<String> {
         None
     }
@@ -547,7 +549,8 @@ async fn frame<S: Source>(
     };
     let mut started = started;
     if let Some(label) = source.label_at_stop() {
-        sink.put("backup_label", label.as_bytes())?;
+        // Over the placeholder written before the data (see Source::label_at_stop).
+        sink.replace("backup_label", label.as_bytes())?;
         started.backup_label = Some(label);
     }
     s.step(&format!("waiting for WAL up to {stop}"));

@@ -118,6 +118,12 @@ impl PlainDir {
         durable::fsync_path(&self.root)
     }
 
+    /// Replaces a file at the top of the data directory atomically and durably (the final
+    /// `backup_label` over the placeholder of a method that gets it only at the end).
+    pub fn replace(&self, name: &str, bytes: &[u8]) -> Result<()> {
+        durable::write_atomically_with_mode(&self.root, name, bytes, self.file_mode, true)
+    }
+
     /// Writes `bytes` to a file at the top of the data directory opened with `how` (a new
     /// file for `put`, appending for `append`), with exactly the backup's file mode.
     fn write_top(&self, name: &str, bytes: &[u8], how: &mut OpenOptions) -> Result<()> {

@@ -53,6 +53,13 @@ const WINDOW: usize = 8;
 /// (a piece stays in memory while any slice of it waits there).
 const SLICE: usize = 32 << 10;
 
+/// The `backup_label` written before any data, replaced by the server's at the end. A server
+/// refuses to start from it ("invalid data in file \"backup_label\""), as it must from a copy
+/// that was interrupted, even after `global/pg_control` was copied.
+pub(crate) const INCOMPLETE_LABEL: &str =
+    "INCOMPLETE BACKUP: pgpar was still copying this directory \
+     (the sql method writes the real backup_label last); it is not a usable backup\n";
+
 /// The statement every worker prepares.
 const READ_SQL: &str = "SELECT pg_catalog.pg_read_binary_file($1, $2, $3, true)";
 const READ_STATEMENT: &str = "pgpar_read";
@@ -314,8 +321,9 @@ impl Source for SqlSource {
             start_lsn,
             timeline: s.sys.timeline,
             tablespaces,
-            // pg_backup_start keeps the label until pg_backup_stop hands it over.
-            backup_label: None,
+            // pg_backup_start keeps the label until pg_backup_stop hands it over: until then
+            // the backup holds one that no server starts from.
+            backup_label: Some(INCOMPLETE_LABEL.to_string()),
         })
     }
 

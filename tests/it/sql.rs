@@ -700,3 +700,44 @@ fn sql_backup_peak_memory_stays_bounded_at_8_jobs() {
         "peak RSS {peak_mb} MB for a {data_mb} MB backup at -j 8:\n{out}"
     );
 }
+
+#[test]
+fn an_interrupted_copy_holds_a_backup_label_no_server_starts_from() {
+    // The server hands the real backup_label over only at pg_backup_stop, after the data
+    // (global/pg_control included) is copied: until then the backup holds a placeholder.
+    let c = Cluster::new(Pg::V15);
+    c.pgbench_init(5);
+    backup_superuser(&c);
+    let dir = scratch_dir();
+    let target = dir.path().join("interrupted");
+    let child = spawn_backup(
+        &c,
+        "sql_backup",
+        &target,
+        &["-n", "-j", "2", "--chunk-size", "1MB", "-r", "4M"],
+    );
+    wait_for_session(&c, "sql_backup", "%pg_read_binary_file%", "");
+    let leader = wait_for_session(&c, "sql_backup", "%", "%pg_read_binary_file%");
+    c.psql(&format!("SELECT pg_terminate_backend({leader});"));
+    let (code, stderr) = finish(child);
+    assert_ne!(code, Some(0), "{stderr}");
+    assert!(!target.join("backup_manifest").exists(), "{stderr}");
+    let placeholder = fs::read_to_string(target.join("backup_label")).unwrap();
+    assert!(
+        placeholder.starts_with("INCOMPLETE BACKUP"),
+        "{placeholder}"
+    );
+
+    // Put that label into a complete backup (pg_control and all): it still must not start.
+    let whole = dir.path().join("whole");
+    let out = sbackup(&c, &whole, &["-j", "2"]);
+    assert_sql_method(&out, 2);
+    assert!(!fs::read_to_string(whole.join("backup_label"))
+        .unwrap()
+        .starts_with("INCOMPLETE"));
+    fs::write(whole.join("backup_label"), &placeholder).unwrap();
+    match c.try_start_backup_copy(&whole) {
+        Ok(_) => panic!("a server started from the placeholder backup_label"),
+        Err(log) => assert!(log.contains("backup_label"), "{log}"),
+    }
+}
