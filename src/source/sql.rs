@@ -918,6 +918,9 @@ mod fake_server_tests {
         /// End the session (FATAL, as pg_terminate_backend does) at these read counts.
         kill_at: Mutex<VecDeque<usize>>,
         connects: AtomicUsize,
+        /// The most reads received on one session before a Sync: more than one means the
+        /// client pipelined them.
+        max_pipelined: AtomicUsize,
     }
 
     fn msg(out: &mut BytesMut, tag: u8, body: &[u8]) {
@@ -946,6 +949,7 @@ mod fake_server_tests {
         sock.write_all(&out).await.unwrap();
         let mut statements: HashMap<String, String> = HashMap::new();
         let mut bound: (String, Vec<Option<Vec<u8>>>) = Default::default();
+        let mut since_sync = 0;
         loop {
             let Ok(tag) = sock.read_u8().await else {
                 return;
@@ -977,6 +981,12 @@ mod fake_server_tests {
                             b.advance(l as usize);
                         }
                     }
+                    let nres = b.get_i16();
+                    let formats: Vec<i16> = (0..nres).map(|_| b.get_i16()).collect();
+                    if statements[&stmt].contains("pg_read_binary_file") {
+                        // Binary results: the bytea's bytes, never hex text.
+                        assert_eq!(formats, [1], "the read must ask for binary results");
+                    }
                     bound = (stmt, params);
                     msg(&mut out, b'2', b"");
                 }
@@ -985,6 +995,8 @@ mod fake_server_tests {
                     let (path, off, len) = (p(0), p(1).parse::<u64>().unwrap(), p(2));
                     let len: u64 = len.parse().unwrap();
                     let n = files.reads.fetch_add(1, Ordering::Relaxed) + 1;
+                    since_sync += 1;
+                    files.max_pipelined.fetch_max(since_sync, Ordering::Relaxed);
                     if files.kill_at.lock().unwrap().front() == Some(&n) {
                         files.kill_at.lock().unwrap().pop_front();
                         msg(
@@ -1020,7 +1032,10 @@ mod fake_server_tests {
                     msg(&mut out, b'C', b"SELECT 1\0");
                 }
                 b'E' => msg(&mut out, b'C', b"SELECT 3\0"),
-                b'S' => msg(&mut out, b'Z', b"I"),
+                b'S' => {
+                    since_sync = 0;
+                    msg(&mut out, b'Z', b"I")
+                }
                 b'X' => return,
                 other => panic!("the fake server got message '{}'", other as char),
             }
@@ -1182,6 +1197,7 @@ mod fake_server_tests {
             reads: AtomicUsize::new(0),
             kill_at: Mutex::new(VecDeque::new()),
             connects: AtomicUsize::new(0),
+            max_pipelined: AtomicUsize::new(0),
         });
         let r = run(
             files.clone(),
@@ -1224,6 +1240,7 @@ mod fake_server_tests {
             // The second read ends its session: its ranges are read again elsewhere.
             kill_at: Mutex::new([2].into()),
             connects: AtomicUsize::new(0),
+            max_pipelined: AtomicUsize::new(0),
         });
         let r = run(
             files.clone(),
@@ -1243,6 +1260,10 @@ mod fake_server_tests {
             files.connects.load(Ordering::Relaxed),
             2,
             "one reconnection after the killed session"
+        );
+        assert!(
+            files.max_pipelined.load(Ordering::Relaxed) >= 2,
+            "the two small files' reads were not sent together"
         );
     }
 }
