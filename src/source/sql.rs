@@ -1087,6 +1087,10 @@ mod fake_server_tests {
     /// Backs up `listed` (path, listed size) from `files` over `jobs` workers with 4-page
     /// chunks, verifying pages.
     fn run(files: Arc<Files>, listed: &[(&str, u64)], jobs: usize) -> Run {
+        run_chunked(files, listed, jobs, 4 * BLCKSZ as u64)
+    }
+
+    fn run_chunked(files: Arc<Files>, listed: &[(&str, u64)], jobs: usize, chunk: u64) -> Run {
         let rt = tokio::runtime::Builder::new_multi_thread()
             .worker_threads(2)
             .enable_all()
@@ -1130,7 +1134,7 @@ mod fake_server_tests {
         let p = plan(
             &list,
             PlanConfig {
-                chunk_size: 4 * BLCKSZ as u64,
+                chunk_size: chunk,
                 small_file: 2 * BLCKSZ as u64,
                 batch_bytes: 1 << 20,
                 batch_files: 10,
@@ -1265,5 +1269,30 @@ mod fake_server_tests {
             files.max_pipelined.load(Ordering::Relaxed) >= 2,
             "the two small files' reads were not sent together"
         );
+    }
+
+    #[test]
+    fn a_range_read_in_several_calls_that_comes_back_short_is_padded_with_zeros() {
+        // Listed at 2.5 MiB and read as one range in three calls; it has shrunk to 1.5 MiB
+        // since: the rest is zeros, as BASE_BACKUP sends (WAL replay makes it right).
+        let now = relation(192, 5);
+        let listed = 320 * BLCKSZ as u64;
+        let files = Arc::new(Files {
+            files: [("base/5/shrunk".to_string(), now.clone())].into(),
+            first_reads: Mutex::new(HashMap::new()),
+            reads: AtomicUsize::new(0),
+            kill_at: Mutex::new(VecDeque::new()),
+            connects: AtomicUsize::new(0),
+            max_pipelined: AtomicUsize::new(0),
+        });
+        let r = run_chunked(files.clone(), &[("base/5/shrunk", listed)], 1, 4 << 20);
+        r.result.unwrap();
+        assert_eq!(files.reads.load(Ordering::Relaxed), 3);
+        assert_eq!(files.max_pipelined.load(Ordering::Relaxed), 3);
+        let got = std::fs::read(r.dir.path().join("base/5/shrunk")).unwrap();
+        assert_eq!(got.len() as u64, listed);
+        assert_eq!(&got[..now.len()], &now[..]);
+        assert!(got[now.len()..].iter().all(|&b| b == 0));
+        assert_eq!(r.pool.outcomes()[0].real_length, None);
     }
 }
