@@ -26,6 +26,9 @@ pub struct Request<'a> {
     pub offset: u64,
     /// Bytes asked for; for a whole file, its listed size.
     pub length: u64,
+    /// The range is the whole file as listed: only then may it arrive with another length
+    /// (the file's real one; see [`Delivery::begin`]).
+    pub whole: bool,
 }
 
 /// Pages of a range that failed checksum verification (on the server, or for the sql method

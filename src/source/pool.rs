@@ -277,6 +277,7 @@ impl Pool {
                 path: &self.files[r.file].path,
                 offset: r.offset,
                 length: r.length,
+                whole: r.offset == 0 && r.length == self.files[r.file].size,
             })
             .collect();
         let mut out = Delivery {

@@ -639,7 +639,7 @@ impl RangeFetcher for SqlFetcher<'_> {
                     // A whole file read in one piece is as long as it now is; anything
                     // else must be as long as asked.
                     let len = match &data {
-                        Some(d) if p.last => d.len() as u64,
+                        Some(d) if p.last && r.whole => d.len() as u64,
                         _ => r.length,
                     };
                     out.begin(p.range, len).await?;
@@ -649,7 +649,7 @@ impl RangeFetcher for SqlFetcher<'_> {
                 continue;
             }
             let mut bytes = data.unwrap_or_default();
-            let whole_in_one = p.first && p.last;
+            let whole_in_one = p.first && p.last && r.whole;
             if (bytes.len() as u64) < p.length && !whole_in_one {
                 // Truncated since the listing: zeros in its place, as BASE_BACKUP sends
                 // (WAL replay makes the file right).
@@ -1294,5 +1294,27 @@ mod fake_server_tests {
         assert_eq!(&got[..now.len()], &now[..]);
         assert!(got[now.len()..].iter().all(|&b| b == 0));
         assert_eq!(r.pool.outcomes()[0].real_length, None);
+    }
+
+    #[test]
+    fn a_part_of_a_file_read_in_one_call_that_comes_back_short_is_padded() {
+        // Split into 1 MiB ranges of one call each; the file has shrunk into its second
+        // range: that part keeps its length (zeros), only a whole file may change length.
+        let now = relation(192, 6);
+        let listed = 256 * BLCKSZ as u64;
+        let files = Arc::new(Files {
+            files: [("base/5/split".to_string(), now.clone())].into(),
+            first_reads: Mutex::new(HashMap::new()),
+            reads: AtomicUsize::new(0),
+            kill_at: Mutex::new(VecDeque::new()),
+            connects: AtomicUsize::new(0),
+            max_pipelined: AtomicUsize::new(0),
+        });
+        let r = run_chunked(files, &[("base/5/split", listed)], 2, PIECE);
+        r.result.unwrap();
+        let got = std::fs::read(r.dir.path().join("base/5/split")).unwrap();
+        assert_eq!(got.len() as u64, listed);
+        assert_eq!(&got[..now.len()], &now[..]);
+        assert!(got[now.len()..].iter().all(|&b| b == 0));
     }
 }
