@@ -88,13 +88,20 @@ WITH RECURSIVE walk(path, isdir, size, mtime) AS (
 SELECT path, isdir, size, extract(epoch FROM mtime)::int8 FROM walk WHERE size IS NOT NULL";
 
 /// Opens a session for the backup: no timeouts (a role's `idle_session_timeout` would end the
-/// leader while it holds the backup open, a `statement_timeout` a long read), and the read
-/// statement prepared.
-async fn open_session(cfg: &ConnConfig) -> Result<SqlSession> {
+/// leader while it holds the backup open, a `statement_timeout` a long read), its part in the
+/// backup added to `application_name` (so a DBA can tell the leader, which must not be
+/// ended, from the workers in `pg_stat_activity`: "pgpar sql leader", "pgpar sql worker"),
+/// and the read statement prepared.
+async fn open_session(cfg: &ConnConfig, part: &str) -> Result<SqlSession> {
     let mut sess = SqlSession::connect(cfg).await?;
     sess.query(
-        "SELECT pg_catalog.set_config(name, '0', false) FROM unnest($1::text[]) AS name",
-        &["{statement_timeout,idle_session_timeout,idle_in_transaction_session_timeout}"],
+        "SELECT pg_catalog.set_config(name, '0', false) FROM unnest($1::text[]) AS name \
+         UNION ALL SELECT pg_catalog.set_config('application_name', \
+             pg_catalog.left(pg_catalog.current_setting('application_name') || $2, 63), false)",
+        &[
+            "{statement_timeout,idle_session_timeout,idle_in_transaction_session_timeout}",
+            part,
+        ],
     )
     .await?;
     sess.prepare(READ_STATEMENT, READ_SQL, READ_TYPES).await?;
@@ -270,7 +277,7 @@ impl Source for SqlSource {
 
     async fn start(&mut self, s: &Session<'_>, _repl: &mut Connection) -> Result<Started> {
         // The read statement is for global/pg_control, read on the leader last.
-        let mut leader = open_session(s.cfg)
+        let mut leader = open_session(s.cfg, " sql leader")
             .await
             .map_err(|e| e.context("leader session"))?;
         s.step(&format!(
@@ -512,7 +519,7 @@ impl Connector for SqlConnector {
     type Fetcher = SqlFetcher<'static>;
 
     async fn connect(&self) -> Result<SqlFetcher<'static>> {
-        let sess = open_session(&self.cfg).await?;
+        let sess = open_session(&self.cfg, " sql worker").await?;
         Ok(SqlFetcher {
             sess: Held::Owned(Box::new(sess)),
             verify: self.verify.clone().map(|v| (v, self.cfg.clone())),
@@ -726,7 +733,7 @@ impl SqlFetcher<'_> {
         }
         let start_lsn = verify.start_lsn;
         if self.side.is_none() {
-            self.side = Some(open_session(cfg).await?);
+            self.side = Some(open_session(cfg, " sql worker").await?);
         }
         let side = self.side.as_mut().expect("opened above");
         let mut bad = Vec::new();

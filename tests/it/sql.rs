@@ -475,21 +475,22 @@ fn finish(child: std::process::Child) -> (Option<i32>, String) {
     )
 }
 
-/// Waits until a session of `role` has run a query matching `like`; returns its pid.
-fn wait_for_session(c: &Cluster, role: &str, like: &str, not_like: &str) -> String {
+/// Waits until a session of `role` calling itself `app` (pgpar names its sql leader and
+/// workers) has run a query matching `like`; returns its pid.
+fn wait_for_session(c: &Cluster, role: &str, app: &str, like: &str) -> String {
     let deadline = Instant::now() + Duration::from_secs(60);
     loop {
         let pid = c.psql(&format!(
             "SELECT pid FROM pg_stat_activity WHERE usename = '{role}' \
-             AND backend_type = 'client backend' AND query LIKE '{like}' \
-             AND query NOT LIKE '{not_like}' ORDER BY backend_start LIMIT 1;"
+             AND application_name = '{app}' AND query LIKE '{like}' \
+             ORDER BY backend_start LIMIT 1;"
         ));
         if !pid.trim().is_empty() {
             return pid.trim().to_string();
         }
         assert!(
             Instant::now() < deadline,
-            "no session of {role} ran {like} within 60 s"
+            "no session {app} of {role} ran {like} within 60 s"
         );
         std::thread::sleep(Duration::from_millis(20));
     }
@@ -526,9 +527,14 @@ fn killed_leader_session_fails_cleanly_and_ends_the_server_side_backup() {
         &target,
         &["-j", "2", "--chunk-size", "1MB", "-r", "4M"],
     );
-    // Workers are reading: the leader is the other session, idle since its last query.
-    wait_for_session(&c, "sql_backup", "%pg_read_binary_file%", "");
-    let leader = wait_for_session(&c, "sql_backup", "%", "%pg_read_binary_file%");
+    // Workers are reading; the leader sits idle, holding the backup open.
+    wait_for_session(
+        &c,
+        "sql_backup",
+        "pgpar sql worker",
+        "%pg_read_binary_file%",
+    );
+    let leader = wait_for_session(&c, "sql_backup", "pgpar sql leader", "%");
     assert_eq!(
         c.psql(&format!("SELECT pg_terminate_backend({leader});"))
             .trim(),
@@ -583,7 +589,12 @@ fn killed_worker_session_is_retried_and_the_backup_completes() {
         &target,
         &["-j", "3", "--chunk-size", "1MB", "-r", "8M"],
     );
-    let pid = wait_for_session(&c, "sql_backup", "%pg_read_binary_file%", "");
+    let pid = wait_for_session(
+        &c,
+        "sql_backup",
+        "pgpar sql worker",
+        "%pg_read_binary_file%",
+    );
     assert_eq!(
         c.psql(&format!("SELECT pg_terminate_backend({pid});"))
             .trim(),
@@ -716,8 +727,13 @@ fn an_interrupted_copy_holds_a_backup_label_no_server_starts_from() {
         &target,
         &["-n", "-j", "2", "--chunk-size", "1MB", "-r", "4M"],
     );
-    wait_for_session(&c, "sql_backup", "%pg_read_binary_file%", "");
-    let leader = wait_for_session(&c, "sql_backup", "%", "%pg_read_binary_file%");
+    wait_for_session(
+        &c,
+        "sql_backup",
+        "pgpar sql worker",
+        "%pg_read_binary_file%",
+    );
+    let leader = wait_for_session(&c, "sql_backup", "pgpar sql leader", "%");
     c.psql(&format!("SELECT pg_terminate_backend({leader});"));
     let (code, stderr) = finish(child);
     assert_ne!(code, Some(0), "{stderr}");
