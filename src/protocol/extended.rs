@@ -340,9 +340,12 @@ impl Pipeline {
         let step = match (m, front) {
             (B::NoticeResponse(n), _) => return Ok(Step::Notice(n)),
             (B::ParameterStatus { .. } | B::Ignored(_), _) => return Ok(Step::Nothing),
-            (B::ErrorResponse(error), Some(f)) if f != Expect::Ready => {
+            // An error may also come at the Sync itself (the implicit transaction failed to
+            // commit, or the session was ended just then), or with nothing asked (a session
+            // ended while idle): the caller learns of it the same way.
+            (B::ErrorResponse(error), f) => {
                 let execute = match f {
-                    Expect::Execute(n) => Some(n),
+                    Some(Expect::Execute(n)) => Some(n),
                     _ => None,
                 };
                 // The server skips everything up to the next Sync.
@@ -667,6 +670,36 @@ mod tests {
             }
         );
         assert_eq!(p.executions_in_flight(), 0);
+    }
+
+    #[test]
+    fn an_error_at_the_sync_or_while_idle_is_a_failure_not_a_protocol_error() {
+        let fatal = DbError {
+            severity: "FATAL".into(),
+            code: "57P01".into(),
+            message: "terminating connection due to administrator command".into(),
+            ..Default::default()
+        };
+        let mut p = Pipeline::new();
+        p.push(Expect::Ready);
+        let step = p.on(BackendMessage::ErrorResponse(fatal.clone())).unwrap();
+        assert_eq!(
+            step,
+            Step::Failed {
+                error: fatal.clone(),
+                execute: None
+            }
+        );
+        // A non-fatal one at the Sync is still followed by ReadyForQuery.
+        assert_eq!(
+            p.on(BackendMessage::ReadyForQuery(b'I')).unwrap(),
+            Step::Ready
+        );
+        let mut idle = Pipeline::new();
+        assert!(matches!(
+            idle.on(BackendMessage::ErrorResponse(fatal)).unwrap(),
+            Step::Failed { execute: None, .. }
+        ));
     }
 
     #[test]
