@@ -285,6 +285,14 @@ fn dirs(root: &Path) -> BTreeSet<String> {
 
 fn sql_file_list_is_base_backups(pg: Pg) {
     let c = Cluster::new(pg);
+    // A superuser may use every method the server offers, best first.
+    let check = run(pgpar().args(["check", "--json", "-d", &c.conninfo("postgres")]));
+    check.assert_success();
+    let want = match pg {
+        Pg::V15 => serde_json::json!(["sql", "stream"]),
+        Pg::V17 => serde_json::json!(["parallel", "sql", "stream"]),
+    };
+    assert_eq!(check.json()["methods"], want, "{check}");
     let dir = scratch_dir();
     let ts = dir.path().join("ts");
     fs::create_dir(&ts).unwrap();
