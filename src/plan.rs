@@ -164,6 +164,7 @@ mod tests {
             mtime: 0,
             link_target: None,
             spcoid: None,
+            mode: None,
         }
     }
 

@@ -1,20 +1,34 @@
 //! The SEND_FILES_CONTENT CopyData framing (protocol-notes/parallel-backup.md), without I/O:
-//! `H` a file or range starts (offset, length or -1 for a missing file, path), `d` its bytes,
-//! `T` it ended (bytes sent, pages that failed verification, their first block numbers).
+//! `H` a file or range starts (offset; the length that follows, or -1 for a missing file, -2
+//! for one the backup does not include; path), `d` its bytes, `T` it ended (bytes sent, pages
+//! that failed verification, their first block numbers, whether the pages were verified).
 
 use bytes::{Buf, Bytes};
 
 use crate::error::{Error, Result};
 
+/// What a header announces.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Announced {
+    /// This many bytes follow.
+    Bytes(u64),
+    /// The file does not exist (any more): dropped since the listing.
+    Missing,
+    /// The file is not (or no longer) one the backup includes: it became excluded since the
+    /// listing (an unlogged relation's fork once its init fork appears, a path component
+    /// replaced by a link, …).
+    Excluded,
+}
+
 /// A CopyData message of SEND_FILES_CONTENT.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum ContentMessage {
-    /// A file or range starts; `length` is `None` when the file is missing.
+    /// A file or range starts.
     Header {
         /// First byte.
         offset: u64,
-        /// Bytes that follow, `None` for a missing file.
-        length: Option<u64>,
+        /// What follows.
+        length: Announced,
         /// The path as requested.
         path: Bytes,
     },
@@ -28,6 +42,9 @@ pub enum ContentMessage {
         failures: u32,
         /// The first failing block numbers, relative to the file.
         blocks: Vec<u32>,
+        /// Whether the server verified the range's pages; `None` from a server that does
+        /// not say (the first version of the patch).
+        verified: Option<bool>,
     },
 }
 
@@ -46,9 +63,19 @@ pub fn parse_content(mut b: Bytes) -> Result<ContentMessage> {
             let length = b.get_i64();
             let end = b.iter().position(|&c| c == 0).ok_or_else(short)?;
             let path = b.split_to(end);
+            let length = match length {
+                n if n >= 0 => Announced::Bytes(n as u64),
+                -1 => Announced::Missing,
+                -2 => Announced::Excluded,
+                n => {
+                    return Err(Error::Protocol(format!(
+                        "header with length {n} in SEND_FILES_CONTENT stream"
+                    )))
+                }
+            };
             Ok(ContentMessage::Header {
                 offset,
-                length: (length >= 0).then_some(length as u64),
+                length,
                 path,
             })
         }
@@ -64,10 +91,21 @@ pub fn parse_content(mut b: Bytes) -> Result<ContentMessage> {
                 return Err(short());
             }
             let blocks = (0..n).map(|_| b.get_u32()).collect();
+            let verified = match b.first() {
+                None => None,
+                Some(0) => Some(false),
+                Some(1) => Some(true),
+                Some(v) => {
+                    return Err(Error::Protocol(format!(
+                        "trailer with verified byte {v} in SEND_FILES_CONTENT stream"
+                    )))
+                }
+            };
             Ok(ContentMessage::Trailer {
                 bytes_sent,
                 failures,
                 blocks,
+                verified,
             })
         }
         t => Err(Error::Protocol(format!(
@@ -94,7 +132,7 @@ mod tests {
         b.to_vec()
     }
 
-    fn trailer(sent: u64, fails: u32, blocks: &[u32]) -> Vec<u8> {
+    fn trailer(sent: u64, fails: u32, blocks: &[u32], verified: Option<bool>) -> Vec<u8> {
         let mut b = BytesMut::new();
         b.put_u8(b'T');
         b.put_u64(sent);
@@ -102,6 +140,9 @@ mod tests {
         b.put_u32(blocks.len() as u32);
         for x in blocks {
             b.put_u32(*x);
+        }
+        if let Some(v) = verified {
+            b.put_u8(v.into());
         }
         b.to_vec()
     }
@@ -114,20 +155,24 @@ mod tests {
             let payloads = vec![
                 header(0, 5, "base/1/2"),
                 [b"d".to_vec(), b"hello".to_vec()].concat(),
-                trailer(5, 1, &[0]),
+                trailer(5, 1, &[0], Some(true)),
                 header(8192, -1, "gone"),
-                trailer(0, 0, &[]),
+                trailer(0, 0, &[], Some(false)),
+                header(0, -2, "postmaster.pid"),
+                trailer(0, 0, &[], None),
             ];
             for p in &payloads {
                 wire.extend(msg(b'd', p));
             }
             wire.extend(msg(b'c', b""));
             let want = vec![
-                ContentMessage::Header { offset: 0, length: Some(5), path: Bytes::from_static(b"base/1/2") },
+                ContentMessage::Header { offset: 0, length: Announced::Bytes(5), path: Bytes::from_static(b"base/1/2") },
                 ContentMessage::Data(Bytes::from_static(b"hello")),
-                ContentMessage::Trailer { bytes_sent: 5, failures: 1, blocks: vec![0] },
-                ContentMessage::Header { offset: 8192, length: None, path: Bytes::from_static(b"gone") },
-                ContentMessage::Trailer { bytes_sent: 0, failures: 0, blocks: vec![] },
+                ContentMessage::Trailer { bytes_sent: 5, failures: 1, blocks: vec![0], verified: Some(true) },
+                ContentMessage::Header { offset: 8192, length: Announced::Missing, path: Bytes::from_static(b"gone") },
+                ContentMessage::Trailer { bytes_sent: 0, failures: 0, blocks: vec![], verified: Some(false) },
+                ContentMessage::Header { offset: 0, length: Announced::Excluded, path: Bytes::from_static(b"postmaster.pid") },
+                ContentMessage::Trailer { bytes_sent: 0, failures: 0, blocks: vec![], verified: None },
             ];
             let got: Vec<ContentMessage> = copy_payloads(decode_in_chunks(&wire, &cuts))
                 .into_iter()
@@ -140,7 +185,12 @@ mod tests {
     #[test]
     fn rejects_malformed_content_messages() {
         assert!(parse_content(Bytes::from_static(b"H\0\0")).is_err());
-        assert!(parse_content(Bytes::from(trailer(1, 2, &[1, 2])[..20].to_vec())).is_err());
+        assert!(parse_content(Bytes::from(trailer(1, 2, &[1, 2], None)[..20].to_vec())).is_err());
+        assert!(parse_content(Bytes::from(trailer(0, 0, &[], None))).is_ok());
+        let mut t = trailer(0, 0, &[], None);
+        t.push(7);
+        assert!(parse_content(Bytes::from(t)).is_err(), "verified byte 7");
+        assert!(parse_content(Bytes::from(header(0, -3, "x"))).is_err());
         assert!(parse_content(Bytes::from_static(b"Z")).is_err());
         let mut h = header(0, 1, "x");
         h.pop();

@@ -26,7 +26,8 @@ pub struct FileEntry {
     pub path: String,
     /// Kind.
     pub kind: FileKind,
-    /// Size at listing time; the server sends exactly this many bytes.
+    /// Size at listing time. A relation file may be fetched in ranges of it; any other file
+    /// is fetched whole, as it is when the server reads it, with its real length.
     pub size: u64,
     /// Modification time, seconds since the epoch.
     pub mtime: i64,
@@ -34,6 +35,9 @@ pub struct FileEntry {
     pub link_target: Option<String>,
     /// Tablespace OID, `None` for the main data directory.
     pub spcoid: Option<u32>,
+    /// Permission bits on the server (`None` for links, and from a server of the first
+    /// version of the patch, which does not send them).
+    pub mode: Option<u32>,
 }
 
 /// A tablespace row of START_BACKUP.
@@ -129,6 +133,12 @@ pub async fn send_file_list(c: &mut Connection, backup_id: &str) -> Result<Vec<F
                     mtime: r.parse(3, "mtime")?,
                     link_target: r.get(4).map(str::to_string),
                     spcoid: r.get(5).and_then(|v| v.parse().ok()),
+                    mode: match r.get(6) {
+                        None => None,
+                        Some(m) => Some(u32::from_str_radix(m, 8).map_err(|_| {
+                            Error::Protocol(format!("SEND_FILE_LIST: mode \"{m}\" is not octal"))
+                        })?),
+                    },
                 });
             }
             Event::RowDescription(_) | Event::CommandComplete(_) => {}
@@ -142,13 +152,21 @@ pub async fn send_file_list(c: &mut Connection, backup_id: &str) -> Result<Vec<F
     Ok(out)
 }
 
-/// The SEND_FILES_CONTENT command for `(path, offset, length)` ranges. The
-/// offset and length go as quoted decimal strings: the server's replication
-/// scanner reads a bare number as 32 bits, and a range past 4 GiB must not wrap.
-pub fn files_content_command(backup_id: &str, ranges: &[(&str, u64, u64)], verify: bool) -> String {
-    let files: Vec<String> = ranges
+/// The SEND_FILES_CONTENT command for `(path, range)` requests: `None` asks for the whole
+/// file as it is when the server opens it, `Some((offset, length))` for a range. The offset
+/// and length go as quoted decimal strings: the server's replication scanner reads a bare
+/// number as 32 bits, and a range past 4 GiB must not wrap.
+pub fn files_content_command(
+    backup_id: &str,
+    files: &[(&str, Option<(u64, u64)>)],
+    verify: bool,
+) -> String {
+    let files: Vec<String> = files
         .iter()
-        .map(|(p, o, l)| format!("{} '{o}' '{l}'", quote_literal(p)))
+        .map(|(p, r)| match r {
+            Some((o, l)) => format!("{} '{o}' '{l}'", quote_literal(p)),
+            None => quote_literal(p),
+        })
         .collect();
     format!(
         "SEND_FILES_CONTENT (BACKUP_ID {}, VERIFY_CHECKSUMS {}, FILES ({}))",
@@ -177,10 +195,18 @@ mod tests {
 
     #[test]
     fn command_quotes_paths_and_ranges() {
-        let c = files_content_command("ab", &[("base/1/2", 0, 8192), ("o'dd", 8192, 10)], true);
+        let c = files_content_command(
+            "ab",
+            &[
+                ("base/1/2", Some((0, 8192))),
+                ("o'dd", Some((8192, 10))),
+                ("PG_VERSION", None),
+            ],
+            true,
+        );
         assert_eq!(
             c,
-            "SEND_FILES_CONTENT (BACKUP_ID 'ab', VERIFY_CHECKSUMS true, FILES ('base/1/2' '0' '8192', 'o''dd' '8192' '10'))"
+            "SEND_FILES_CONTENT (BACKUP_ID 'ab', VERIFY_CHECKSUMS true, FILES ('base/1/2' '0' '8192', 'o''dd' '8192' '10', 'PG_VERSION'))"
         );
     }
 }

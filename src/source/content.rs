@@ -8,7 +8,7 @@ use super::fetch::{Connector, Damaged, Delivery, RangeFetcher, Request};
 use crate::conn::{Connection, Event, Replication};
 use crate::conninfo::ConnConfig;
 use crate::error::{Error, Result};
-use crate::protocol::files_content::{parse_content, ContentMessage};
+use crate::protocol::files_content::{parse_content, Announced, ContentMessage};
 use crate::replication::parallel::files_content_command;
 
 /// Opens worker connections for one running parallel backup.
@@ -100,9 +100,12 @@ async fn fetch_content(
     ranges: &[Request<'_>],
     out: &mut Delivery<'_>,
 ) -> Result<()> {
-    let reqs: Vec<(&str, u64, u64)> = ranges
+    // A whole file goes without a range: the server then sends it as it is when it opens it,
+    // with its real length (a configuration file rewritten since the listing must not come
+    // back cut or padded to the listed size).
+    let reqs: Vec<(&str, Option<(u64, u64)>)> = ranges
         .iter()
-        .map(|r| (r.path, r.offset, r.length))
+        .map(|r| (r.path, (!r.whole).then_some((r.offset, r.length))))
         .collect();
     let cmd = files_content_command(&job.backup_id, &reqs, job.verify);
     conn.start_query(&cmd).await?;
@@ -129,8 +132,16 @@ async fn fetch_content(
                         )));
                     }
                     match length {
-                        Some(len) => out.begin(next, len).await?,
-                        None => {
+                        Announced::Bytes(len) => out.begin(next, len).await?,
+                        // Either way the file is not part of the backup; WAL replay accounts
+                        // for it (a dropped relation, or an unlogged one's main fork).
+                        Announced::Missing | Announced::Excluded => {
+                            if length == Announced::Excluded {
+                                tracing::info!(
+                                    "\"{}\" is no longer a file that backups include (it changed on the server since the listing); it is left out",
+                                    r.path
+                                );
+                            }
                             out.vanished(next).await?;
                             missing = true;
                         }

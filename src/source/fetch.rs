@@ -27,7 +27,9 @@ pub struct Request<'a> {
     /// Bytes asked for; for a whole file, its listed size.
     pub length: u64,
     /// The range is the whole file as listed: only then may it arrive with another length
-    /// (the file's real one; see [`Delivery::begin`]).
+    /// (the file's real one; see [`Delivery::begin`]). The parallel fetcher then asks for the
+    /// file as it is when the server reads it (a file that is not WAL-logged may have changed
+    /// since the listing).
     pub whole: bool,
 }
 

@@ -63,7 +63,9 @@ impl ParallelSource {
     }
 
     /// Lays down directories and links, registers every file with the sink (creating the
-    /// empty ones), and returns the listing as the pool needs it.
+    /// empty ones), and returns the listing as the pool needs it. Entries get the server's
+    /// permission bits where SEND_FILE_LIST gives them (the sink keeps them within the
+    /// owner's and group's), else the cluster's.
     pub(super) fn lay_out(
         s: &Session<'_>,
         files: &[FileEntry],
@@ -83,7 +85,7 @@ impl ParallelSource {
                 root,
                 path,
                 kind,
-                mode: dir_mode,
+                mode: f.mode.unwrap_or(dir_mode),
                 link: f.link_target.as_deref().unwrap_or_default(),
             })?;
         }
@@ -96,7 +98,7 @@ impl ParallelSource {
                         root,
                         path,
                         kind: Kind::File,
-                        mode: s.file_mode(),
+                        mode: f.mode.unwrap_or_else(|| s.file_mode()),
                         link: "",
                     })?
                 }

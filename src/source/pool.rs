@@ -658,6 +658,7 @@ mod tests {
                 mtime: 0,
                 link_target: None,
                 spcoid: None,
+                mode: None,
             },
             FileEntry {
                 path: "base/1".into(),
@@ -666,6 +667,7 @@ mod tests {
                 mtime: 0,
                 link_target: None,
                 spcoid: None,
+                mode: None,
             },
         ];
         for p in ["base/1/big", "base/1/a", "base/1/b"] {
@@ -676,6 +678,7 @@ mod tests {
                 mtime: 0,
                 link_target: None,
                 spcoid: None,
+                mode: None,
             });
         }
         let mut fq: HashMap<String, VecDeque<Fault>> = HashMap::new();

@@ -192,6 +192,8 @@ fn entries(
                 mtime: r.mtime,
                 link_target: None,
                 spcoid,
+                // pg_stat_file() gives no permission bits: entries get the cluster's modes.
+                mode: None,
             };
             match verdict {
                 Verdict::Skip(why) => {
@@ -231,6 +233,7 @@ fn entries(
                                     mtime: vr.mtime,
                                     link_target: None,
                                     spcoid: Some(oid),
+                                    mode: None,
                                 });
                                 subdirs.push((
                                     vr.path.clone(),
@@ -1114,6 +1117,7 @@ mod fake_server_tests {
                 mtime: 0,
                 link_target: None,
                 spcoid: None,
+                mode: None,
             })
             .collect();
         let sink = Arc::new(PlainDir::new(
