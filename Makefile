@@ -1,7 +1,8 @@
 # pgpar — build, test, demo, and the patched PostgreSQL 17 the tests run against.
 #
 #   make demo        install what is needed, build, back up a throwaway cluster, verify, restore, query
-#   make test        install what is needed, then fmt check, clippy -D warnings, unit + integration tests
+#   make test        install what is needed, then fmt check, clippy -D warnings, the server patch's
+#                    own TAP test (pg-patches/build.sh tap), unit + integration tests
 #   make postgres    build PostgreSQL 17 with pg-patches/17 applied (cached outside the repository)
 #   make -s pg-bindir  print the bin directory of that build
 #   make bench       side-by-side benchmark against pg_basebackup
@@ -17,7 +18,7 @@ SHELL := /bin/bash
 CARGO ?= cargo
 PG15_BINDIR ?= /usr/lib/postgresql/15/bin
 
-.PHONY: all build deps postgres pg-bindir test-access test demo bench lint unit clean
+.PHONY: all build deps postgres pg-bindir test-access tap test demo bench lint unit clean
 
 all: build
 
@@ -45,7 +46,11 @@ test-access: postgres
 	@bash tests/scripts/server-access.sh "$$(bash pg-patches/build.sh bindir)/initdb" \
 	  $(PG15_BINDIR)/initdb "$${TMPDIR:-/tmp}"
 
-test: deps postgres test-access lint
+# The server patch's own TAP test (src/bin/pg_basebackup/t/050_parallel.pl in the patched tree).
+tap: postgres test-access
+	@bash pg-patches/build.sh tap
+
+test: deps postgres test-access lint tap
 	PGPAR_PG15_BINDIR=$(PG15_BINDIR) PGPAR_PG17_BINDIR="$$(bash pg-patches/build.sh bindir)" \
 	  $(CARGO) test --all-targets -- --test-threads=$${PGPAR_TEST_THREADS:-4}
 

@@ -6,6 +6,8 @@
 #   bash pg-patches/build.sh bindir   print the bin directory of the build for
 #                                     the current patch series (offline)
 #   bash pg-patches/build.sh srcdir   print the patched build tree (for make check)
+#   bash pg-patches/build.sh tap      run the series' own TAP test (t/050_parallel.pl)
+#                                     against the build, as the servers' OS user
 #   bash pg-patches/build.sh hash     print the patch series hash
 #
 # Layout under $PGPAR_CACHE (default: /var/cache/pgpar as root, else
@@ -20,7 +22,8 @@
 # build directory, and an unchanged one is found without the network.
 #
 # --with-openssl is there because the test fixture runs every server with
-# ssl = on (the TLS authentication tests need it).
+# ssl = on (the TLS authentication tests need it). --enable-tap-tests lets the
+# build tree run PostgreSQL's TAP suites (it needs IPC::Run: libipc-run-perl).
 set -euo pipefail
 
 here=$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)
@@ -40,8 +43,8 @@ PGROOT="$CACHE/pg17"
 APTDIR="$CACHE/apt-trixie"
 JOBS="${PGPAR_MAKE_JOBS:-3}"
 # Part of the cache key: a change here gives a new build directory.
-CONFIGURE_FLAGS="--without-icu --with-lz4 --with-zstd --with-openssl"
-BUILD_DEPS="bison flex liblz4-dev libzstd-dev libreadline-dev zlib1g-dev libssl-dev make gcc patch pkg-config"
+CONFIGURE_FLAGS="--without-icu --with-lz4 --with-zstd --with-openssl --enable-tap-tests"
+BUILD_DEPS="bison flex liblz4-dev libzstd-dev libreadline-dev zlib1g-dev libssl-dev make gcc patch pkg-config libipc-run-perl"
 
 # PostgreSQL's makefiles generate headers (utils/errcodes.h …) only in a
 # top-level make: when called from another make, build as if we were one.
@@ -228,11 +231,37 @@ cmd_srcdir() {
     printf '%s\n' "$(dirname "$prefix")/build"
 }
 
+# The series' TAP test, run with prove against the installed build (no temporary installation
+# in the build tree): the servers start as the `postgres` OS user when we are root (initdb
+# refuses root), in a scratch directory of their own under TMPDIR, removed when it passes.
+cmd_tap() {
+    local prefix build scratch rc=0
+    prefix=$(pointer_prefix) || die "not built; run 'make postgres'"
+    build="$(dirname "$prefix")/build"
+    scratch=$(mktemp -d "${TMPDIR:-/tmp}/pgpar-tap.XXXXXX")
+    local run=()
+    if [ "$(id -u)" = 0 ]; then
+        chown postgres: "$scratch"
+        run=(runuser -u postgres --)
+    fi
+    (cd "$build/src/bin/pg_basebackup" && "${run[@]}" env PATH="$prefix/bin:$PATH" \
+        TESTDATADIR="$scratch/data" TESTLOGDIR="$scratch/log" PG_TEST_PORT_DIR="$scratch" \
+        PG_REGRESS="$build/src/test/regress/pg_regress" top_builddir="$build" \
+        prove -I "$build/src/test/perl" -I . t/050_parallel.pl) || rc=$?
+    if [ "$rc" = 0 ]; then
+        rm -rf "$scratch"
+    else
+        log "TAP test failed; logs in $scratch/log"
+    fi
+    return "$rc"
+}
+
 case "${1:-}" in
     build) cmd_build ;;
     bindir) cmd_bindir ;;
     srcdir) cmd_srcdir ;;
+    tap) cmd_tap ;;
     hash) patch_hash ;;
     fetch) install_deps; v=$(fetch_source); pristine_tree "$v" ;;
-    *) echo "usage: $0 build|bindir|srcdir|hash|fetch" >&2; exit 2 ;;
+    *) echo "usage: $0 build|bindir|srcdir|tap|hash|fetch" >&2; exit 2 ;;
 esac

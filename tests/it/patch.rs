@@ -1,7 +1,8 @@
 //! The server side of the parallel protocol (`pg-patches/17`), spoken directly through the
 //! library's connection: START_BACKUP, SEND_FILE_LIST, SEND_FILES_CONTENT and STOP_BACKUP,
 //! checked against `protocol-notes/parallel-backup.md` — the result shapes, the CopyData
-//! framing, the refusals with their SQLSTATEs, leader disconnects and checksum failures.
+//! framing, the refusals with their SQLSTATEs, leader disconnects and checksum failures —
+//! and one test per finding of the server review in issue 8 (the test's doc names it).
 
 use std::collections::BTreeMap;
 use std::fs;

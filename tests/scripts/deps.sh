@@ -18,7 +18,9 @@ set -euo pipefail
 #   bzip2, xz-utils                      tar needs them to unpack the PostgreSQL 17 source package
 #                                        (pg-patches/build.sh); minimal images lack them
 #   ca-certificates                      apt over https mirrors on minimal images
-PACKAGES=(postgresql-15 postgresql-client-15 openssl procps make python3 bzip2 xz-utils ca-certificates)
+#   libipc-run-perl                      PostgreSQL's TAP tests (configure --enable-tap-tests,
+#                                        and `build.sh tap`, the series' own test)
+PACKAGES=(postgresql-15 postgresql-client-15 openssl procps make python3 bzip2 xz-utils ca-certificates libipc-run-perl)
 
 missing=()
 for pkg in "${PACKAGES[@]}"; do
