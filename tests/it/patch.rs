@@ -13,7 +13,7 @@ use std::time::{Duration, Instant};
 use pgpar::conn::{Connection, Event, Replication, ResultSet};
 use pgpar::conninfo::ConnConfig;
 
-use crate::cluster::{give_to_server_user, is_root, run_ok, scratch_dir, Cluster, Pg};
+use crate::cluster::{give_to_server_user, is_root, password, run_ok, scratch_dir, Cluster, Pg};
 
 const TEXT: u32 = 25;
 const INT8: u32 = 20;
@@ -1040,6 +1040,33 @@ async fn option_lists_and_verified_trailers() {
     );
     let got = fetch(&mut w, id, &[(rel.as_str(), None)], false).await;
     assert_eq!(got[0].verified, f, "VERIFY_CHECKSUMS false");
+    stop_backup(&mut leader, &started.label).await;
+}
+
+/// Issue 8, finding 9: a backup id names the backup in pg_stat_activity for everyone, but only
+/// the role that started the backup may read its files.
+#[tokio::test]
+async fn only_the_leaders_role_reads_the_backup() {
+    let c = Cluster::new(Pg::V17);
+    let mut leader = repl(&c).await;
+    let started = start_backup(&mut leader, "one role").await;
+    let other = ConnConfig::parse(&format!(
+        "{} password={}",
+        c.socket_conninfo("scram_user"),
+        password("scram_user")
+    ))
+    .expect("conninfo");
+    let mut stranger = Connection::connect(&other, Replication::Physical)
+        .await
+        .expect("replication connection as another role");
+    assert_eq!(
+        refused(&mut stranger, &started.backup_id, "PG_VERSION").await,
+        "42501"
+    );
+    // The leader's role may, on any connection.
+    let mut w = repl(&c).await;
+    let got = fetch(&mut w, &started.backup_id, &[("PG_VERSION", None)], true).await;
+    assert_eq!(got[0].data, b"17\n");
     stop_backup(&mut leader, &started.label).await;
 }
 
