@@ -1043,6 +1043,45 @@ async fn option_lists_and_verified_trailers() {
     stop_backup(&mut leader, &started.label).await;
 }
 
+/// Issue 8, finding 5: a SEND_FILES_CONTENT takes at most 10000 files (the walsender keeps
+/// nothing per file beyond the command's parse tree, which this bounds); more is 54000 before
+/// anything is sent. The first version took any number and kept 2.3 kB per file.
+#[tokio::test]
+async fn send_files_content_has_a_limit_per_command() {
+    let c = Cluster::new(Pg::V17);
+    let mut leader = repl(&c).await;
+    let started = start_backup(&mut leader, "limit").await;
+    let mut w = repl(&c).await;
+    // The walsender's peak memory (readable as root, the server running as postgres).
+    let pid = w.backend_pid();
+    let peak_kb = || -> Option<u64> {
+        let status = fs::read_to_string(format!("/proc/{pid}/status")).ok()?;
+        let line = status.lines().find(|l| l.starts_with("VmHWM:"))?;
+        line.split_whitespace().nth(1)?.parse().ok()
+    };
+    let before = peak_kb();
+    let specs: Vec<(&str, Option<(u64, u64)>)> = vec![("PG_VERSION", None); 10_000];
+    let got = fetch(&mut w, &started.backup_id, &specs, true).await;
+    assert!(got.iter().all(|g| g.data == b"17\n"));
+    if let (Some(b), Some(a)) = (before, peak_kb()) {
+        // The unpatched replication scanner takes 1 kB per quoted string while it parses a
+        // command, about 12 MB for these 10000 paths with the parse tree; the first version
+        // kept 1 kB more per file while it sent them (22 MB measured).
+        assert!(
+            a - b < 16 << 10,
+            "walsender peak grew {} kB for 10000 files",
+            a - b
+        );
+    }
+    let specs: Vec<(&str, Option<(u64, u64)>)> = vec![("PG_VERSION", None); 10_001];
+    let sql = files_content_sql(&started.backup_id, &specs, true);
+    let (events, err) = run_events(&mut w, &sql).await;
+    let err = err.expect("10001 files were accepted");
+    assert_eq!(err.sqlstate(), Some("54000"), "{err}");
+    assert!(events.is_empty(), "sent before the error");
+    stop_backup(&mut leader, &started.label).await;
+}
+
 /// Issue 8, finding 9: a backup id names the backup in pg_stat_activity for everyone, but only
 /// the role that started the backup may read its files.
 #[tokio::test]
