@@ -52,6 +52,16 @@ if [ -n "$sql_jobs" ] && ! "$pgpar" backup --help 2>/dev/null | grep -qw sql; th
   sql_jobs=
 fi
 
+# One benchmark at a time per machine: two at once share the cores and the disk, and each
+# one's cache drop empties the other's cache, so neither measures anything.
+lock=/var/tmp/pgpar-bench.lock
+[ -e "$lock" ] || (umask 0; : >> "$lock")
+exec 9<"$lock"
+if ! flock -n 9; then
+  echo "== another benchmark is running on this machine; waiting for it to finish"
+  flock 9
+fi
+
 work=${BENCH_DIR:-$(mktemp -d /var/tmp/pgpar-bench.XXXXXX)}
 mkdir -p "$work"
 chmod 755 "$work"
