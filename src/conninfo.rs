@@ -48,6 +48,49 @@ impl SslMode {
     }
 }
 
+/// libpq's `channel_binding`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ChannelBinding {
+    /// Never bind (SCRAM-SHA-256 with the "n" flag even when -PLUS is offered).
+    Disable,
+    /// Bind when TLS is in use and the server offers SCRAM-SHA-256-PLUS.
+    Prefer,
+    /// Authenticate only through SCRAM-SHA-256-PLUS over TLS; refuse anything else.
+    Require,
+}
+
+/// libpq's `target_session_attrs`: which server a session may end on.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum TargetSessionAttrs {
+    /// Any server.
+    Any,
+    /// A session that is not read-only.
+    ReadWrite,
+    /// A read-only session (a standby, or `default_transaction_read_only`).
+    ReadOnly,
+    /// A server not in hot standby.
+    Primary,
+    /// A server in hot standby.
+    Standby,
+    /// A standby if any host is one, else any server.
+    PreferStandby,
+}
+
+/// TCP keepalive settings (libpq's `keepalives*`); `None` leaves the system default.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Keepalives {
+    /// `keepalives`: on unless set to 0 (libpq's default is on).
+    pub enabled: bool,
+    /// `keepalives_idle`: seconds of silence before the first probe.
+    pub idle: Option<u32>,
+    /// `keepalives_interval`: seconds between probes.
+    pub interval: Option<u32>,
+    /// `keepalives_count`: probes lost before the connection is dead.
+    pub count: Option<u32>,
+    /// `tcp_user_timeout`: milliseconds sent data may stay unacknowledged.
+    pub user_timeout_ms: Option<u32>,
+}
+
 /// Where to connect: a TCP host or a Unix-socket directory.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Host {
@@ -104,6 +147,22 @@ pub struct ConnConfig {
     pub application_name: String,
     /// Connection timeout.
     pub connect_timeout: Option<Duration>,
+    /// `channel_binding`.
+    pub channel_binding: ChannelBinding,
+    /// TCP keepalives and `tcp_user_timeout`, applied to every TCP connection.
+    pub keepalives: Keepalives,
+    /// `options`: command-line options sent to the server in the startup packet.
+    pub options: Option<String>,
+    /// `target_session_attrs`, checked after each connection as libpq checks it.
+    pub target_session_attrs: TargetSessionAttrs,
+    /// `sslcert`: client certificate (PEM), when one is given or the default file exists.
+    pub sslcert: Option<PathBuf>,
+    /// `sslkey`: the client certificate's private key (PEM, not encrypted).
+    pub sslkey: Option<PathBuf>,
+    /// `sslsni`: send the host name in the TLS handshake (libpq's default: yes).
+    pub sslsni: bool,
+    /// `ssl_min_protocol_version` / `ssl_max_protocol_version`, as TLS minor versions (2, 3).
+    pub ssl_versions: (u8, u8),
     /// Every keyword given explicitly (conninfo and options), for `primary_conninfo`.
     pub explicit: BTreeMap<String, String>,
 }
@@ -120,7 +179,8 @@ impl fmt::Debug for ConnConfig {
     }
 }
 
-/// The keywords we understand; others are refused so typos do not pass silently.
+/// The keywords pgpar honours with libpq's meaning; others are refused so typos do not pass
+/// silently.
 const KEYWORDS: &[&str] = &[
     "host",
     "hostaddr",
@@ -130,6 +190,15 @@ const KEYWORDS: &[&str] = &[
     "dbname",
     "sslmode",
     "sslrootcert",
+    "sslcert",
+    "sslkey",
+    "sslsni",
+    "sslcompression",
+    "ssl_min_protocol_version",
+    "ssl_max_protocol_version",
+    "sslnegotiation",
+    "sslcertmode",
+    "gssencmode",
     "application_name",
     "fallback_application_name",
     "connect_timeout",
@@ -137,8 +206,82 @@ const KEYWORDS: &[&str] = &[
     "replication",
     "channel_binding",
     "keepalives",
+    "keepalives_idle",
+    "keepalives_interval",
+    "keepalives_count",
+    "tcp_user_timeout",
     "options",
+    "client_encoding",
+    "target_session_attrs",
+    "load_balance_hosts",
 ];
+
+/// Keywords libpq (PostgreSQL 17) accepts that pgpar does not implement, with their
+/// environment variable and what to do instead. They are refused, never ignored: a setting
+/// a user relies on for security (require_auth, sslcrl, requirepeer) must not silently do
+/// nothing.
+const UNSUPPORTED: &[(&str, &str, &str)] = &[
+    (
+        "service",
+        "PGSERVICE",
+        "give the settings directly in -d or PG* variables",
+    ),
+    (
+        "servicefile",
+        "PGSERVICEFILE",
+        "give the settings directly in -d or PG* variables",
+    ),
+    (
+        "require_auth",
+        "PGREQUIREAUTH",
+        "restrict the methods in the server's pg_hba.conf, or use channel_binding=require",
+    ),
+    (
+        "sslpassword",
+        "",
+        "decrypt the key (openssl pkey -in KEY -out KEY.plain) and give that file as sslkey",
+    ),
+    (
+        "sslcrl",
+        "PGSSLCRL",
+        "remove revoked certificates from sslrootcert instead",
+    ),
+    (
+        "sslcrldir",
+        "PGSSLCRLDIR",
+        "remove revoked certificates from sslrootcert instead",
+    ),
+    (
+        "requirepeer",
+        "PGREQUIREPEER",
+        "check the server's owner another way, or connect over TCP with sslmode=verify-full",
+    ),
+    (
+        "krbsrvname",
+        "PGKRBSRVNAME",
+        "pgpar has no GSSAPI/Kerberos support: use password, SCRAM or certificate authentication",
+    ),
+    (
+        "gsslib",
+        "PGGSSLIB",
+        "pgpar has no GSSAPI/Kerberos support: use password, SCRAM or certificate authentication",
+    ),
+    (
+        "gssdelegation",
+        "PGGSSDELEGATION",
+        "pgpar has no GSSAPI/Kerberos support: use password, SCRAM or certificate authentication",
+    ),
+];
+
+fn unsupported(k: &str, hint: &str) -> Error {
+    Error::Usage(format!(
+        "connection option \"{k}\" is not supported by pgpar; {hint}"
+    ))
+}
+
+fn invalid(k: &str, v: &str, expected: &str) -> Error {
+    Error::Usage(format!("invalid {k} value: \"{v}\" (expected {expected})"))
+}
 
 /// Parses a conninfo string (keyword/value or URI) into keyword → value pairs.
 pub fn parse_conninfo(s: &str) -> Result<BTreeMap<String, String>> {
@@ -152,6 +295,9 @@ pub fn parse_conninfo(s: &str) -> Result<BTreeMap<String, String>> {
         parse_kv(t)?
     };
     for k in map.keys() {
+        if let Some((_, _, hint)) = UNSUPPORTED.iter().find(|u| u.0 == k) {
+            return Err(unsupported(k, hint));
+        }
         if !KEYWORDS.contains(&k.as_str()) {
             return Err(Error::Usage(format!(
                 "invalid connection string: unknown keyword \"{k}\""
@@ -456,6 +602,171 @@ impl ConnConfig {
             }
             None => None,
         };
+        for (k, envname, hint) in UNSUPPORTED {
+            if !envname.is_empty() && env.var(envname).is_some() {
+                return Err(Error::Usage(format!(
+                    "connection option \"{k}\" (from {envname}) is not supported by pgpar; {hint}"
+                )));
+            }
+        }
+        let channel_binding = match get("channel_binding", "PGCHANNELBINDING").as_deref() {
+            None | Some("prefer") => ChannelBinding::Prefer,
+            Some("disable") => ChannelBinding::Disable,
+            Some("require") => ChannelBinding::Require,
+            Some(v) => return Err(invalid("channel_binding", v, "disable, prefer or require")),
+        };
+        let int = |k: &str, envname: &str| -> Result<Option<i64>> {
+            get(k, envname)
+                .map(|v| {
+                    v.trim().parse::<i64>().map_err(|_| {
+                        Error::Usage(format!(
+                            "invalid integer value \"{v}\" for connection option \"{k}\""
+                        ))
+                    })
+                })
+                .transpose()
+        };
+        let positive = |k: &str| -> Result<Option<u32>> {
+            match int(k, "")? {
+                None => Ok(None),
+                Some(n) if n >= 1 && n <= i64::from(i32::MAX) => Ok(Some(n as u32)),
+                Some(n) => Err(invalid(
+                    k,
+                    &n.to_string(),
+                    "a number of seconds, at least 1",
+                )),
+            }
+        };
+        let keepalives = Keepalives {
+            enabled: int("keepalives", "")?.is_none_or(|n| n != 0),
+            idle: positive("keepalives_idle")?,
+            interval: positive("keepalives_interval")?,
+            count: positive("keepalives_count")?,
+            user_timeout_ms: match int("tcp_user_timeout", "")? {
+                None | Some(0) => None,
+                Some(n) if n > 0 && n <= i64::from(i32::MAX) => Some(n as u32),
+                Some(n) => {
+                    return Err(invalid(
+                        "tcp_user_timeout",
+                        &n.to_string(),
+                        "milliseconds, 0 for the system default",
+                    ))
+                }
+            },
+        };
+        let options = get("options", "PGOPTIONS");
+        let target_session_attrs =
+            match get("target_session_attrs", "PGTARGETSESSIONATTRS").as_deref() {
+                None | Some("any") => TargetSessionAttrs::Any,
+                Some("read-write") => TargetSessionAttrs::ReadWrite,
+                Some("read-only") => TargetSessionAttrs::ReadOnly,
+                Some("primary") => TargetSessionAttrs::Primary,
+                Some("standby") => TargetSessionAttrs::Standby,
+                Some("prefer-standby") => TargetSessionAttrs::PreferStandby,
+                Some(v) => {
+                    return Err(invalid(
+                        "target_session_attrs",
+                        v,
+                        "any, read-write, read-only, primary, standby or prefer-standby",
+                    ))
+                }
+            };
+        match get("client_encoding", "PGCLIENTENCODING") {
+            None => {}
+            Some(v) if ["utf8", "utf-8", "unicode"].contains(&v.to_ascii_lowercase().as_str()) => {}
+            Some(v) => {
+                return Err(Error::Usage(format!(
+                    "client_encoding \"{v}\" is not supported: pgpar always talks UTF8 to the server (file names and messages are converted by the server)"
+                )))
+            }
+        }
+        match get("gssencmode", "PGGSSENCMODE").as_deref() {
+            // Without GSSAPI support libpq accepts these and connects without GSS encryption.
+            None | Some("disable") | Some("prefer") => {}
+            Some("require") => {
+                return Err(Error::Usage(
+                    "gssencmode=require is not supported: pgpar has no GSSAPI support; use TLS (sslmode=verify-full)".into(),
+                ))
+            }
+            Some(v) => return Err(invalid("gssencmode", v, "disable, prefer or require")),
+        }
+        match get("sslnegotiation", "PGSSLNEGOTIATION").as_deref() {
+            None | Some("postgres") => {}
+            Some("direct") => {
+                return Err(Error::Usage(
+                    "sslnegotiation=direct is not supported by pgpar; use sslnegotiation=postgres (the default)".into(),
+                ))
+            }
+            Some(v) => return Err(invalid("sslnegotiation", v, "postgres or direct")),
+        }
+        match get("sslcompression", "PGSSLCOMPRESSION").as_deref() {
+            None | Some("0") => {}
+            Some("1") => {
+                return Err(Error::Usage(
+                    "sslcompression=1 is not supported: TLS compression is not available (it is insecure); use sslcompression=0".into(),
+                ))
+            }
+            Some(v) => return Err(invalid("sslcompression", v, "0 or 1")),
+        }
+        let certmode_disable = match get("sslcertmode", "PGSSLCERTMODE").as_deref() {
+            None | Some("allow") => false,
+            Some("disable") => true,
+            Some("require") => {
+                return Err(Error::Usage(
+                    "sslcertmode=require is not supported by pgpar; use sslcertmode=allow and require the certificate on the server (clientcert=verify-full or cert in pg_hba.conf)".into(),
+                ))
+            }
+            Some(v) => return Err(invalid("sslcertmode", v, "disable, allow or require")),
+        };
+        let sslsni = match get("sslsni", "PGSSLSNI").as_deref() {
+            None | Some("1") => true,
+            Some("0") => false,
+            Some(v) => return Err(invalid("sslsni", v, "0 or 1")),
+        };
+        let tls_version = |k: &str, envname: &str, dflt: u8| -> Result<u8> {
+            Ok(match get(k, envname).as_deref() {
+                None => dflt,
+                // rustls speaks TLS 1.2 and 1.3 only: a lower minimum admits nothing lower.
+                Some("TLSv1") | Some("TLSv1.1") if k.starts_with("ssl_min") => 2,
+                Some("TLSv1.2") => 2,
+                Some("TLSv1.3") => 3,
+                Some(v @ ("TLSv1" | "TLSv1.1")) => {
+                    return Err(Error::Usage(format!(
+                        "{k}={v} is not supported: pgpar speaks TLS 1.2 and 1.3 only"
+                    )))
+                }
+                Some(v) => return Err(invalid(k, v, "TLSv1, TLSv1.1, TLSv1.2 or TLSv1.3")),
+            })
+        };
+        let ssl_versions = (
+            tls_version("ssl_min_protocol_version", "PGSSLMINPROTOCOLVERSION", 2)?,
+            tls_version("ssl_max_protocol_version", "PGSSLMAXPROTOCOLVERSION", 3)?,
+        );
+        if ssl_versions.0 > ssl_versions.1 {
+            return Err(Error::Usage("invalid SSL protocol version range: ssl_min_protocol_version is above ssl_max_protocol_version".into()));
+        }
+        // libpq's defaults: ~/.postgresql/postgresql.crt and .key, used when they exist.
+        let home_file = |name: &str| {
+            env.var("HOME")
+                .map(|h| Path::new(&h).join(".postgresql").join(name))
+                .filter(|p| p.exists())
+        };
+        let (sslcert, sslkey) = if certmode_disable {
+            (None, None)
+        } else {
+            let cert = get("sslcert", "PGSSLCERT")
+                .map(PathBuf::from)
+                .or_else(|| home_file("postgresql.crt"));
+            let key = get("sslkey", "PGSSLKEY")
+                .map(PathBuf::from)
+                .or_else(|| cert.as_ref().and_then(|_| home_file("postgresql.key")));
+            (cert, key)
+        };
+        match get("load_balance_hosts", "PGLOADBALANCEHOSTS").as_deref() {
+            None | Some("disable") => {}
+            Some("random") => shuffle(&mut targets),
+            Some(v) => return Err(invalid("load_balance_hosts", v, "disable or random")),
+        }
         let dbname = get("dbname", "PGDATABASE");
         let application_name = get("application_name", "PGAPPNAME")
             .or_else(|| explicit.get("fallback_application_name").cloned())
@@ -484,8 +795,29 @@ impl ConnConfig {
             sslrootcert,
             application_name,
             connect_timeout,
+            channel_binding,
+            keepalives,
+            options,
+            target_session_attrs,
+            sslcert,
+            sslkey,
+            sslsni,
+            ssl_versions,
             explicit,
         })
+    }
+}
+
+/// Puts the targets in a random order (`load_balance_hosts=random`), from the standard
+/// library's per-process random hash keys: no cryptographic quality is needed.
+fn shuffle(targets: &mut [Target]) {
+    use std::hash::{BuildHasher, Hasher};
+    let seed = std::collections::hash_map::RandomState::new();
+    for i in (1..targets.len()).rev() {
+        let mut h = seed.build_hasher();
+        h.write_usize(i);
+        let j = (h.finish() % (i as u64 + 1)) as usize;
+        targets.swap(i, j);
     }
 }
 
@@ -508,6 +840,8 @@ pub fn pgpass_lookup(path: &Path, target: &Target, db: Option<&str>, user: &str)
     use std::os::unix::fs::PermissionsExt;
     let meta = std::fs::metadata(path).ok()?;
     if !meta.is_file() {
+        // libpq's passwordFromFile: a directory, FIFO or device is skipped with a warning.
+        tracing::warn!("password file \"{}\" is not a plain file", path.display());
         return None;
     }
     if meta.permissions().mode() & 0o077 != 0 {
@@ -691,5 +1025,99 @@ mod tests {
         );
         std::fs::set_permissions(&pf, std::fs::Permissions::from_mode(0o644)).unwrap();
         assert_eq!(pgpass_lookup(&pf, &t, None, "bob"), None);
+    }
+
+    fn resolve_err(s: &str) -> String {
+        ConnConfig::resolve(
+            &ConnArgs {
+                dbname: Some(s.into()),
+                ..Default::default()
+            },
+            &NoEnv,
+        )
+        .unwrap_err()
+        .to_string()
+    }
+
+    #[test]
+    fn libpq_keywords_are_honoured_or_refused() {
+        let c = resolve("host=a");
+        assert_eq!(c.channel_binding, ChannelBinding::Prefer);
+        assert!(c.keepalives.enabled, "libpq's default is keepalives=1");
+        assert_eq!(c.target_session_attrs, TargetSessionAttrs::Any);
+        assert!(c.sslsni);
+        let c = resolve(
+            "host=a channel_binding=require keepalives=1 keepalives_idle=7 keepalives_interval=3 \
+             keepalives_count=4 tcp_user_timeout=9000 options='-c work_mem=8MB' \
+             target_session_attrs=prefer-standby sslsni=0 ssl_min_protocol_version=TLSv1.3 \
+             client_encoding=UTF8 gssencmode=disable",
+        );
+        assert_eq!(c.channel_binding, ChannelBinding::Require);
+        assert_eq!(
+            c.keepalives,
+            Keepalives {
+                enabled: true,
+                idle: Some(7),
+                interval: Some(3),
+                count: Some(4),
+                user_timeout_ms: Some(9000)
+            }
+        );
+        assert_eq!(c.options.as_deref(), Some("-c work_mem=8MB"));
+        assert_eq!(c.target_session_attrs, TargetSessionAttrs::PreferStandby);
+        assert!(!c.sslsni);
+        assert_eq!(c.ssl_versions, (3, 3));
+        assert!(!resolve("host=a keepalives=0").keepalives.enabled);
+        for (conninfo, expect) in [
+            (
+                "channel_binding=maybe",
+                "invalid channel_binding value: \"maybe\"",
+            ),
+            (
+                "keepalives_idle=x",
+                "invalid integer value \"x\" for connection option \"keepalives_idle\"",
+            ),
+            ("keepalives_count=0", "invalid keepalives_count value"),
+            (
+                "target_session_attrs=master",
+                "invalid target_session_attrs value",
+            ),
+            ("sslpassword=x", "\"sslpassword\" is not supported by pgpar"),
+            (
+                "require_auth=scram-sha-256",
+                "\"require_auth\" is not supported by pgpar",
+            ),
+            ("service=foo", "\"service\" is not supported"),
+            ("client_encoding=LATIN1", "always talks UTF8"),
+            ("gssencmode=require", "no GSSAPI support"),
+            ("ssl_max_protocol_version=TLSv1.1", "TLS 1.2 and 1.3 only"),
+            (
+                "ssl_min_protocol_version=TLSv1.3 ssl_max_protocol_version=TLSv1.2",
+                "invalid SSL protocol version range",
+            ),
+            ("keepalives_idl=3", "unknown keyword \"keepalives_idl\""),
+        ] {
+            let e = resolve_err(&format!("host=a {conninfo}"));
+            assert!(e.contains(expect), "{conninfo}: {e}");
+            assert!(!e.contains("Some(") && !e.contains("None"), "{e}");
+        }
+        let env = MapEnv(BTreeMap::from([("PGREQUIREAUTH", "md5")]));
+        let e = ConnConfig::resolve(&ConnArgs::default(), &env)
+            .unwrap_err()
+            .to_string();
+        assert!(
+            e.contains("\"require_auth\" (from PGREQUIREAUTH) is not supported"),
+            "{e}"
+        );
+    }
+
+    #[test]
+    fn pgpass_that_is_not_a_plain_file_is_skipped() {
+        let dir = tempfile::tempdir().unwrap();
+        let t = Target {
+            host: Host::Socket("/tmp".into()),
+            port: 5432,
+        };
+        assert_eq!(pgpass_lookup(dir.path(), &t, None, "bob"), None);
     }
 }

@@ -5,14 +5,18 @@
 //! Every failure here is an [`Error::Connect`] naming the target, with a hint where the fix is
 //! known (pg_hba.conf, the REPLICATION attribute, the password). It must not run queries.
 
-use postgres_protocol::authentication::sasl::{ChannelBinding, ScramSha256};
+use postgres_protocol::authentication::sasl::{ChannelBinding as ScramBinding, ScramSha256};
 use postgres_protocol::message::frontend;
 
 use super::{log_notice, Connection, Replication};
-use crate::conninfo::ConnConfig;
+use crate::conninfo::{ChannelBinding, ConnConfig};
 use crate::error::{DbError, Error, Result};
 use crate::protocol::backend::BackendMessage;
 use crate::protocol::sqlstate;
+
+const CB_HINT: &str =
+    "channel_binding=require needs TLS (sslmode=require or stronger) and a role whose \
+     pg_hba.conf method is scram-sha-256 with a SCRAM password; or use channel_binding=prefer";
 
 // Authentication request codes (the protocol's AuthenticationXXX messages).
 const AUTH_OK: i32 = 0;
@@ -51,6 +55,9 @@ impl Connection {
         }
         params.push(("application_name", &cfg.application_name));
         params.push(("client_encoding", "UTF8"));
+        if let Some(o) = cfg.options.as_deref() {
+            params.push(("options", o));
+        }
         frontend::startup_message(params.iter().copied(), &mut self.wbuf).map_err(|e| {
             self.connect_err(format!("could not build startup message: {e}"), None, None)
         })?;
@@ -106,6 +113,25 @@ impl Connection {
         endpoint: Option<&[u8]>,
         scram: &mut Option<ScramSha256>,
     ) -> Result<()> {
+        // libpq's check_expected_areq: with channel_binding=require, answer nothing but SASL
+        // (no password leaves for a server that did not prove its certificate), and accept
+        // the end of authentication only after a SCRAM exchange that was channel-bound.
+        if cfg.channel_binding == ChannelBinding::Require {
+            match code {
+                AUTH_SASL | AUTH_SASL_CONTINUE | AUTH_SASL_FINAL => {}
+                AUTH_OK if self.channel_bound => {}
+                AUTH_OK => return Err(self.connect_err(
+                    "channel binding required, but server authenticated client without channel binding".into(),
+                    None,
+                    Some(CB_HINT.into()),
+                )),
+                _ => return Err(self.connect_err(
+                    "channel binding required but not supported by server's authentication request".into(),
+                    None,
+                    Some(CB_HINT.into()),
+                )),
+            }
+        }
         match code {
             AUTH_OK => return Ok(()),
             AUTH_CLEARTEXT => {
@@ -180,13 +206,31 @@ impl Connection {
                 None,
             ));
         }
+        let require = cfg.channel_binding == ChannelBinding::Require;
+        if require && endpoint.is_none() {
+            return Err(self.connect_err(
+                "channel binding required, but SSL not in use".into(),
+                None,
+                Some(CB_HINT.into()),
+            ));
+        }
+        if require && !plus {
+            return Err(self.connect_err(
+                "channel binding is required, but server did not offer an authentication method that supports channel binding".into(),
+                None,
+                Some(CB_HINT.into()),
+            ));
+        }
+        let endpoint = endpoint.filter(|_| cfg.channel_binding != ChannelBinding::Disable);
+        self.channel_bound = endpoint.is_some() && plus;
         let (mech, cb) = match (endpoint, plus) {
             (Some(ep), true) => (
                 "SCRAM-SHA-256-PLUS",
-                ChannelBinding::tls_server_end_point(ep.to_vec()),
+                ScramBinding::tls_server_end_point(ep.to_vec()),
             ),
-            (Some(_), false) => ("SCRAM-SHA-256", ChannelBinding::unrequested()),
-            (None, _) => ("SCRAM-SHA-256", ChannelBinding::unsupported()),
+            (Some(_), false) => ("SCRAM-SHA-256", ScramBinding::unrequested()),
+            // libpq sends "n" (client does not support binding) when it is disabled too.
+            (None, _) => ("SCRAM-SHA-256", ScramBinding::unsupported()),
         };
         let s = ScramSha256::new(pw.as_bytes(), cb);
         frontend::sasl_initial_response(mech, s.message(), &mut self.wbuf)

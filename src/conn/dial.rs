@@ -15,7 +15,7 @@ use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt, ReadBuf};
 use tokio::net::{TcpStream, UnixStream};
 
 use super::tls;
-use crate::conninfo::{ConnConfig, Host, SslMode, Target};
+use crate::conninfo::{ConnConfig, Host, Keepalives, SslMode, Target};
 use crate::error::Error;
 
 trait Socket: AsyncRead + AsyncWrite + Unpin + Send {}
@@ -102,6 +102,7 @@ pub(super) async fn open(
                     )
                 })?;
             let _ = tcp.set_nodelay(true);
+            set_keepalives(&tcp, &cfg.keepalives).map_err(|m| fail(m, None, false))?;
             if want_tls {
                 let mut tcp = tcp;
                 let mut buf = BytesMut::new();
@@ -117,8 +118,7 @@ pub(super) async fn open(
                 })?;
                 match answer[0] {
                     b'S' => {
-                        let config = tls::client_config(cfg.sslmode, cfg.sslrootcert.as_deref())
-                            .map_err(|m| fail(m, None, false))?;
+                        let config = tls::client_config(cfg).map_err(|m| fail(m, None, false))?;
                         let sn = tls::server_name(name).map_err(|m| fail(m, None, false))?;
                         let conn = tokio_rustls::TlsConnector::from(config)
                                 .connect(sn, tcp)
@@ -168,4 +168,127 @@ pub(super) async fn open(
         }
     };
     Ok(dialled)
+}
+
+/// libpq's `keepalives*` and `tcp_user_timeout` on a TCP socket (Unix sockets have none).
+/// Keepalives are on unless `keepalives=0`, as in libpq, so a peer that vanishes without a
+/// FIN is noticed by the kernel instead of leaving a read waiting for ever.
+fn set_keepalives(tcp: &TcpStream, k: &Keepalives) -> std::result::Result<(), String> {
+    use std::os::fd::AsRawFd;
+    let fd = tcp.as_raw_fd();
+    let set = |level: libc::c_int, opt: libc::c_int, name: &str, v: u32| {
+        let v = v as libc::c_int;
+        // SAFETY: fd is an open socket owned by `tcp` for the duration of the call; the
+        // option value is a c_int on the stack whose size we pass.
+        let rc = unsafe {
+            libc::setsockopt(
+                fd,
+                level,
+                opt,
+                (&v as *const libc::c_int).cast(),
+                std::mem::size_of::<libc::c_int>() as libc::socklen_t,
+            )
+        };
+        if rc == 0 {
+            Ok(())
+        } else {
+            Err(format!(
+                "could not set socket option {name} to {v}: {}",
+                io::Error::last_os_error()
+            ))
+        }
+    };
+    set(
+        libc::SOL_SOCKET,
+        libc::SO_KEEPALIVE,
+        "SO_KEEPALIVE",
+        u32::from(k.enabled),
+    )?;
+    if k.enabled {
+        if let Some(v) = k.idle {
+            set(
+                libc::IPPROTO_TCP,
+                libc::TCP_KEEPIDLE,
+                "TCP_KEEPIDLE (keepalives_idle)",
+                v,
+            )?;
+        }
+        if let Some(v) = k.interval {
+            set(
+                libc::IPPROTO_TCP,
+                libc::TCP_KEEPINTVL,
+                "TCP_KEEPINTVL (keepalives_interval)",
+                v,
+            )?;
+        }
+        if let Some(v) = k.count {
+            set(
+                libc::IPPROTO_TCP,
+                libc::TCP_KEEPCNT,
+                "TCP_KEEPCNT (keepalives_count)",
+                v,
+            )?;
+        }
+    }
+    if let Some(v) = k.user_timeout_ms {
+        set(
+            libc::IPPROTO_TCP,
+            libc::TCP_USER_TIMEOUT,
+            "TCP_USER_TIMEOUT (tcp_user_timeout)",
+            v,
+        )?;
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn get(tcp: &TcpStream, level: libc::c_int, opt: libc::c_int) -> libc::c_int {
+        use std::os::fd::AsRawFd;
+        let mut v: libc::c_int = -1;
+        let mut len = std::mem::size_of::<libc::c_int>() as libc::socklen_t;
+        // SAFETY: a valid socket and a c_int-sized out buffer whose length we pass.
+        let rc = unsafe {
+            libc::getsockopt(
+                tcp.as_raw_fd(),
+                level,
+                opt,
+                (&mut v as *mut libc::c_int).cast(),
+                &mut len,
+            )
+        };
+        assert_eq!(rc, 0);
+        v
+    }
+
+    #[tokio::test]
+    async fn keepalive_options_land_on_the_socket() {
+        let l = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = l.local_addr().unwrap();
+        let tcp = TcpStream::connect(addr).await.unwrap();
+        let k = Keepalives {
+            enabled: true,
+            idle: Some(7),
+            interval: Some(3),
+            count: Some(4),
+            user_timeout_ms: Some(9000),
+        };
+        set_keepalives(&tcp, &k).unwrap();
+        assert_eq!(get(&tcp, libc::SOL_SOCKET, libc::SO_KEEPALIVE), 1);
+        assert_eq!(get(&tcp, libc::IPPROTO_TCP, libc::TCP_KEEPIDLE), 7);
+        assert_eq!(get(&tcp, libc::IPPROTO_TCP, libc::TCP_KEEPINTVL), 3);
+        assert_eq!(get(&tcp, libc::IPPROTO_TCP, libc::TCP_KEEPCNT), 4);
+        assert_eq!(get(&tcp, libc::IPPROTO_TCP, libc::TCP_USER_TIMEOUT), 9000);
+        let off = Keepalives {
+            enabled: false,
+            idle: None,
+            interval: None,
+            count: None,
+            user_timeout_ms: None,
+        };
+        set_keepalives(&tcp, &off).unwrap();
+        assert_eq!(get(&tcp, libc::SOL_SOCKET, libc::SO_KEEPALIVE), 0);
+    }
 }

@@ -23,7 +23,7 @@ use dial::Stream;
 pub use crate::protocol::backend::Column;
 use crate::protocol::backend::{decode, BackendMessage, DEFAULT_MAX_MESSAGE};
 
-use crate::conninfo::{ConnConfig, Host, SslMode, Target};
+use crate::conninfo::{ConnConfig, Host, SslMode, Target, TargetSessionAttrs};
 use crate::error::{DbError, Error, Result};
 use crate::protocol::sqlstate;
 
@@ -181,6 +181,8 @@ pub struct Connection {
     params: HashMap<String, String>,
     backend_pid: i32,
     tls: bool,
+    /// Whether authentication ran SCRAM-SHA-256-PLUS (for channel_binding=require).
+    channel_bound: bool,
 }
 
 impl std::fmt::Debug for Connection {
@@ -193,6 +195,17 @@ impl std::fmt::Debug for Connection {
     }
 }
 
+fn attrs_name(a: TargetSessionAttrs) -> &'static str {
+    match a {
+        TargetSessionAttrs::Any => "any",
+        TargetSessionAttrs::ReadWrite => "read-write",
+        TargetSessionAttrs::ReadOnly => "read-only",
+        TargetSessionAttrs::Primary => "primary",
+        TargetSessionAttrs::Standby => "standby",
+        TargetSessionAttrs::PreferStandby => "prefer-standby",
+    }
+}
+
 /// What a failed attempt teaches the caller about retrying with the other TLS choice.
 enum Attempt {
     Done(Connection),
@@ -202,15 +215,61 @@ enum Attempt {
 impl Connection {
     /// Connects to the first target that answers, performing TLS negotiation and
     /// authentication. Every failure is an [`Error::Connect`] naming the target.
+    ///
+    /// `target_session_attrs` is checked on each session as libpq checks it (from the
+    /// `in_hot_standby` and `default_transaction_read_only` the server reports at startup);
+    /// a session that does not fit is closed and the next host tried. `prefer-standby`
+    /// makes a second pass accepting any server when no host is a standby.
     pub async fn connect(cfg: &ConnConfig, repl: Replication) -> Result<Connection> {
+        let passes: &[TargetSessionAttrs] = match cfg.target_session_attrs {
+            TargetSessionAttrs::PreferStandby => {
+                &[TargetSessionAttrs::Standby, TargetSessionAttrs::Any]
+            }
+            TargetSessionAttrs::Any => &[TargetSessionAttrs::Any],
+            TargetSessionAttrs::ReadWrite => &[TargetSessionAttrs::ReadWrite],
+            TargetSessionAttrs::ReadOnly => &[TargetSessionAttrs::ReadOnly],
+            TargetSessionAttrs::Primary => &[TargetSessionAttrs::Primary],
+            TargetSessionAttrs::Standby => &[TargetSessionAttrs::Standby],
+        };
         let mut last = None;
-        for t in &cfg.targets {
-            match Self::connect_target(cfg, t, repl).await {
-                Ok(c) => return Ok(c),
-                Err(e) => last = Some(e),
+        for &want in passes {
+            for t in &cfg.targets {
+                match Self::connect_target(cfg, t, repl).await {
+                    Ok(c) => match c.session_mismatch(want) {
+                        None => return Ok(c),
+                        Some(reason) => {
+                            last = Some(Error::Connect {
+                                target: c.target.clone(),
+                                reason: reason.to_string(),
+                                sqlstate: None,
+                                hint: Some(format!(
+                                    "target_session_attrs={} refused this server; name another host or change target_session_attrs",
+                                    attrs_name(cfg.target_session_attrs)
+                                )),
+                            });
+                            c.close().await;
+                        }
+                    },
+                    Err(e) => last = Some(e),
+                }
             }
         }
         Err(last.unwrap_or_else(|| Error::Usage("no host to connect to".into())))
+    }
+
+    /// Why this session does not satisfy `want`, in libpq's words; `None` when it does.
+    /// A server that does not report a setting (before PostgreSQL 14) counts as "off".
+    fn session_mismatch(&self, want: TargetSessionAttrs) -> Option<&'static str> {
+        let on = |p: &str| self.parameter(p) == Some("on");
+        let standby = on("in_hot_standby");
+        let read_only = standby || on("default_transaction_read_only");
+        match want {
+            TargetSessionAttrs::ReadWrite if read_only => Some("session is read-only"),
+            TargetSessionAttrs::ReadOnly if !read_only => Some("session is not read-only"),
+            TargetSessionAttrs::Primary if standby => Some("server is in hot standby mode"),
+            TargetSessionAttrs::Standby if !standby => Some("server is not in hot standby mode"),
+            _ => None,
+        }
     }
 
     async fn connect_target(cfg: &ConnConfig, t: &Target, repl: Replication) -> Result<Connection> {
@@ -279,6 +338,7 @@ impl Connection {
             params: HashMap::new(),
             backend_pid: 0,
             tls,
+            channel_bound: false,
         };
         match conn.startup(cfg, repl, endpoint).await {
             Ok(()) => Ok(conn),

@@ -11,17 +11,16 @@ use rustls::client::danger::{HandshakeSignatureValid, ServerCertVerified, Server
 use rustls::client::WebPkiServerVerifier;
 use rustls::crypto::CryptoProvider;
 use rustls::pki_types::pem::PemObject;
-use rustls::pki_types::{CertificateDer, ServerName, UnixTime};
+use rustls::pki_types::{CertificateDer, PrivateKeyDer, ServerName, UnixTime};
 use rustls::{DigitallySignedStruct, RootCertStore, SignatureScheme};
 use sha2::Digest;
 
-use crate::conninfo::SslMode;
+use crate::conninfo::{ConnConfig, SslMode};
 
 /// Builds the client configuration for a mode. `Err` is a message for the user.
-pub fn client_config(
-    mode: SslMode,
-    rootcert: Option<&Path>,
-) -> Result<Arc<rustls::ClientConfig>, String> {
+pub fn client_config(cc: &ConnConfig) -> Result<Arc<rustls::ClientConfig>, String> {
+    let mode = cc.sslmode;
+    let rootcert = cc.sslrootcert.as_deref();
     let provider = Arc::new(rustls::crypto::ring::default_provider());
     let default_root = std::env::var_os("HOME")
         .map(|h| PathBuf::from(h).join(".postgresql/root.crt"))
@@ -77,13 +76,99 @@ pub fn client_config(
             provider: provider.clone(),
         })
     };
-    let cfg = rustls::ClientConfig::builder_with_provider(provider)
-        .with_safe_default_protocol_versions()
+    let versions: Vec<&'static rustls::SupportedProtocolVersion> =
+        [(2, &rustls::version::TLS12), (3, &rustls::version::TLS13)]
+            .into_iter()
+            .filter(|(v, _)| (cc.ssl_versions.0..=cc.ssl_versions.1).contains(v))
+            .map(|(_, p)| p)
+            .collect();
+    let builder = rustls::ClientConfig::builder_with_provider(provider)
+        .with_protocol_versions(&versions)
         .map_err(|e| format!("TLS setup failed: {e}"))?
         .dangerous()
-        .with_custom_certificate_verifier(verifier)
-        .with_no_client_auth();
+        .with_custom_certificate_verifier(verifier);
+    let mut cfg = match (&cc.sslcert, &cc.sslkey) {
+        (Some(cert), key) => {
+            let key = key.as_ref().ok_or_else(|| {
+                format!(
+                    "client certificate \"{}\" given without a key: set sslkey (or PGSSLKEY)",
+                    cert.display()
+                )
+            })?;
+            let (chain, key) = client_cert(cert, key)?;
+            builder
+                .with_client_auth_cert(chain, key)
+                .map_err(|e| format!("client certificate \"{}\" unusable: {e}", cert.display()))?
+        }
+        (None, _) => builder.with_no_client_auth(),
+    };
+    cfg.enable_sni = cc.sslsni;
     Ok(Arc::new(cfg))
+}
+
+/// Reads a client certificate chain and its private key (PEM). Like libpq, a key file that
+/// others may read is refused; an encrypted key is refused (no sslpassword support).
+fn client_cert(
+    cert: &Path,
+    key: &Path,
+) -> Result<(Vec<CertificateDer<'static>>, PrivateKeyDer<'static>), String> {
+    use std::os::unix::fs::PermissionsExt;
+    let chain = CertificateDer::pem_file_iter(cert)
+        .map_err(|e| {
+            format!(
+                "could not open certificate file \"{}\": {e}",
+                cert.display()
+            )
+        })?
+        .collect::<Result<Vec<_>, _>>()
+        .map_err(|e| {
+            format!(
+                "could not read certificate file \"{}\": {e}",
+                cert.display()
+            )
+        })?;
+    if chain.is_empty() {
+        return Err(format!(
+            "certificate file \"{}\" holds no certificate",
+            cert.display()
+        ));
+    }
+    let meta = std::fs::metadata(key).map_err(|e| {
+        format!(
+            "certificate present, but not private key file \"{}\": {e}",
+            key.display()
+        )
+    })?;
+    if !meta.is_file() {
+        return Err(format!(
+            "private key file \"{}\" is not a regular file",
+            key.display()
+        ));
+    }
+    // libpq's rule: owned by us, u=rw (0600) or less; root-owned keys may be u=rw,g=r (0640).
+    let mode = meta.permissions().mode();
+    let too_open = if std::os::unix::fs::MetadataExt::uid(&meta) == 0 {
+        mode & 0o137 != 0
+    } else {
+        mode & 0o077 != 0
+    };
+    if too_open {
+        return Err(format!(
+            "private key file \"{}\" has group or world access; file must have permissions u=rw (0600) or less if owned by the current user, or permissions u=rw,g=r (0640) or less if owned by root",
+            key.display()
+        ));
+    }
+    let text = std::fs::read(key)
+        .map_err(|e| format!("could not read private key file \"{}\": {e}", key.display()))?;
+    if text.windows(9).any(|w| w == b"ENCRYPTED") {
+        return Err(format!(
+            "private key file \"{}\" is encrypted; pgpar has no sslpassword: decrypt it (openssl pkey -in KEY -out PLAIN) and give that as sslkey",
+            key.display()
+        ));
+    }
+    let key = PrivateKeyDer::from_pem_slice(&text)
+        .map_err(|e| format!("could not load private key file \"{}\": {e}", key.display()))?;
+    Ok((chain, key))
 }
 
 /// The name rustls checks against the certificate (an IP address stays an IP).

@@ -16,6 +16,7 @@ mod backup_stream;
 mod cli;
 mod client_side;
 mod fixture;
+mod libpq;
 mod parallel;
 mod partial;
 mod patch;
