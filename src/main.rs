@@ -18,6 +18,8 @@ use pgpar::session::{Reporter, Summary};
 #[command(
     name = "pgpar",
     version,
+    // `pgpar backup --version` answers as `pg_basebackup --version` does: one line, exit 0.
+    propagate_version = true,
     about = "PostgreSQL base backups over many replication connections at once"
 )]
 struct Cli {
@@ -106,7 +108,14 @@ struct BackupArgs {
     #[arg(short = 'l', long, default_value = "pgpar base backup")]
     label: String,
     /// Checkpoint mode.
-    #[arg(short = 'c', long, value_enum, default_value = "spread")]
+    // pg_basebackup compares -c and --manifest-checksums with pg_strcasecmp.
+    #[arg(
+        short = 'c',
+        long,
+        value_enum,
+        ignore_case = true,
+        default_value = "spread"
+    )]
     checkpoint: CheckpointArg,
     /// Do not wait for the backup to be written safely to disk.
     #[arg(short = 'N', long)]
@@ -118,7 +127,7 @@ struct BackupArgs {
     #[arg(short = 'P', long, value_enum, num_args = 0..=1, require_equals = true, default_missing_value = "bar")]
     progress: Option<ProgressArg>,
     /// Checksum algorithm for files in the manifest.
-    #[arg(long, value_enum, default_value = "CRC32C")]
+    #[arg(long, value_enum, ignore_case = true, default_value = "CRC32C")]
     manifest_checksums: ChecksumArg,
     /// Relocate the tablespace in OLDDIR to NEWDIR (repeatable).
     #[arg(short = 'T', long = "tablespace-mapping", value_name = "OLDDIR=NEWDIR")]

@@ -15,3 +15,4 @@ pub(crate) mod parallel;
 pub mod pool;
 pub(crate) mod sql;
 pub(crate) mod stream;
+pub mod throttle;

@@ -14,13 +14,14 @@
 use std::collections::VecDeque;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use bytes::Bytes;
 use tokio::sync::mpsc;
 use tokio::task::JoinSet;
 
 use super::fetch::{Connector, Damaged, RangeFetcher, Request};
+pub use super::throttle::Throttle;
 use crate::error::{Error, Result};
 use crate::plan::{Range, WorkUnit};
 use crate::progress::Progress;
@@ -29,35 +30,6 @@ use crate::sink::seam::{FileId, FileWriter};
 
 /// Messages buffered between a connection and its writer (32 KiB each from the server).
 const WRITE_QUEUE: usize = 64;
-
-/// A total rate limit shared by every connection.
-pub struct Throttle {
-    rate: f64,
-    start: Instant,
-    sent: Mutex<u64>,
-}
-
-impl Throttle {
-    /// At most `bytes_per_sec` over all connections together.
-    pub fn new(bytes_per_sec: u64) -> Throttle {
-        Throttle {
-            rate: bytes_per_sec as f64,
-            start: Instant::now(),
-            sent: Mutex::new(0),
-        }
-    }
-
-    async fn consume(&self, n: u64) {
-        let due = {
-            let mut s = self.sent.lock().expect("throttle lock");
-            *s += n;
-            self.start + Duration::from_secs_f64(*s as f64 / self.rate)
-        };
-        if due > Instant::now() {
-            tokio::time::sleep_until(due.into()).await;
-        }
-    }
-}
 
 /// What happened to one listed file.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]

@@ -199,3 +199,52 @@ fn help_lists_the_subcommands() {
         );
     }
 }
+
+#[test]
+fn version_answers_as_pg_basebackup_does() {
+    // Scripts run `pg_basebackup --version` (or -V) and read one line; the same of pgpar.
+    for args in [
+        &["--version"][..],
+        &["-V"],
+        &["backup", "--version"],
+        &["backup", "-V"],
+        &["check", "--version"],
+    ] {
+        let out = run(pgpar().args(args));
+        out.assert_success();
+        assert_eq!(out.stdout.lines().count(), 1, "{args:?}:\n{out}");
+        assert!(
+            out.stdout.contains(env!("CARGO_PKG_VERSION")),
+            "{args:?} does not give the version:\n{out}"
+        );
+        assert!(out.stderr.is_empty(), "{args:?}:\n{out}");
+    }
+}
+
+#[test]
+fn option_values_compare_as_pg_basebackup_compares_them() {
+    // pg_basebackup compares -c and --manifest-checksums without regard to case.
+    let c = Cluster::new(Pg::V15);
+    let dir = scratch_dir();
+    for (i, extra) in [
+        &["-c", "FAST", "--manifest-checksums", "sha256"][..],
+        &["--checkpoint=Fast", "--manifest-checksums=Sha256"],
+    ]
+    .iter()
+    .enumerate()
+    {
+        let target = dir.path().join(format!("b{i}"));
+        let out = run(pgpar()
+            .args(["backup", "--method", "stream", "-D"])
+            .arg(&target)
+            .args(["-d", &c.conninfo("trust_user")])
+            .args(*extra));
+        out.assert_success();
+        let manifest = fs::read_to_string(target.join("backup_manifest")).unwrap();
+        assert!(
+            manifest.contains("\"Checksum-Algorithm\": \"SHA256\""),
+            "{extra:?}: the manifest does not use SHA256:\n{out}"
+        );
+        c.pg_verifybackup(&target);
+    }
+}

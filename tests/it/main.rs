@@ -21,5 +21,6 @@ mod parallel;
 mod partial;
 mod patch;
 mod pipeline;
+mod rate;
 mod setup;
 mod sql;
