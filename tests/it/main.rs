@@ -17,6 +17,7 @@ mod cli;
 mod client_side;
 mod fixture;
 mod libpq;
+mod messages;
 mod parallel;
 mod partial;
 mod patch;

@@ -75,6 +75,7 @@ fn max_rate_holds_after_a_stall() {
     let status = child.wait().unwrap();
     let log = reader.join().unwrap();
     assert!(status.success(), "backup failed:\n{log}");
+    crate::util::assert_readable(&log, "pgpar backup -r 2M --progress=json");
     c.pg_verifybackup(&target);
 
     // The stall happened and bytes came after it (the test exercised what it claims).

@@ -73,13 +73,73 @@ pub fn run(cmd: &mut Command) -> Out {
         }
         std::thread::sleep(Duration::from_millis(20));
     };
-    Out {
+    let out = Out {
         cmdline,
         code: status.code(),
         stdout: stdout.join().unwrap(),
         stderr: stderr.join().unwrap(),
         seconds: started.elapsed().as_secs_f64(),
+    };
+    // Every pgpar run the suite makes through here, success or error, is read for Rust
+    // Debug output: what a person reads must never be `Some(…)` or a struct dump.
+    assert_readable(&out.stderr, &out.cmdline);
+    out
+}
+
+/// Fails the test when `stderr` (what pgpar told a person) holds Rust `Debug` formatting:
+/// `Some(`, `None`, `Ok(`/`Err(`, a tuple variant such as `CommandComplete("COPY 0")`, or a
+/// struct dump such as `Connect { target: …`. Tests that spawn pgpar themselves call it on
+/// the stderr they collected.
+#[track_caller]
+pub fn assert_readable(stderr: &str, what: &str) {
+    if let Some(found) = debug_text(stderr) {
+        panic!("pgpar printed Rust Debug formatting ({found}) in:\n{what}\n--- stderr\n{stderr}");
     }
+}
+
+/// The first piece of `text` that looks like Rust `Debug` output, if any.
+pub fn debug_text(text: &str) -> Option<String> {
+    let b = text.as_bytes();
+    let word_start = |i: usize| i == 0 || !(b[i - 1].is_ascii_alphanumeric() || b[i - 1] == b'_');
+    for (i, _) in text.char_indices() {
+        let rest = &text[i..];
+        for lit in ["Some(", "Ok(", "Err("] {
+            if rest.starts_with(lit) && word_start(i) {
+                return Some(lit.to_string());
+            }
+        }
+        if rest.starts_with("None")
+            && word_start(i)
+            && !rest[4..].starts_with(|c: char| c.is_ascii_alphanumeric() || c == '_')
+        {
+            return Some("None".into());
+        }
+        // A capitalised identifier, then `(` and a quote or another capitalised identifier
+        // (`CommandComplete("`, `Kind(NotFound`), or ` { field: ` (a struct dump).
+        if b[i].is_ascii_uppercase() && word_start(i) {
+            let ident_len = rest
+                .find(|c: char| !(c.is_ascii_alphanumeric() || c == '_'))
+                .unwrap_or(rest.len());
+            let ident = &rest[..ident_len];
+            let after = &rest[ident_len..];
+            if ident.len() > 1 && ident.chars().any(|c| c.is_ascii_lowercase()) {
+                if let Some(arg) = after.strip_prefix('(') {
+                    if arg.starts_with('"') || arg.starts_with(|c: char| c.is_ascii_uppercase()) {
+                        return Some(format!("{ident}({}", &arg[..1]));
+                    }
+                }
+                if let Some(body) = after.strip_prefix(" { ") {
+                    let field_len = body
+                        .find(|c: char| !(c.is_ascii_lowercase() || c == '_'))
+                        .unwrap_or(0);
+                    if field_len > 0 && body[field_len..].starts_with(": ") {
+                        return Some(format!("{ident} {{ {}: ", &body[..field_len]));
+                    }
+                }
+            }
+        }
+    }
+    None
 }
 
 impl fmt::Display for Out {
