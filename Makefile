@@ -2,7 +2,8 @@
 #
 #   make demo        install what is needed, build, back up a throwaway cluster, verify, restore, query
 #   make test        install what is needed, then fmt check, clippy -D warnings, the server patch's
-#                    own TAP test (pg-patches/build.sh tap), unit + integration tests
+#                    own TAP test (pg-patches/build.sh tap), unit + integration tests; writes
+#                    docs/faults.md (the faults the suite provokes) when they passed
 #   make postgres    build PostgreSQL 17 with pg-patches/17 applied (cached outside the repository)
 #   make -s pg-bindir  print the bin directory of that build
 #   make bench       side-by-side benchmark against pg_basebackup
@@ -50,9 +51,14 @@ test-access: postgres
 tap: postgres test-access
 	@bash pg-patches/build.sh tap
 
+# The suite registers the faults it provokes in target/faults; once it passed, they become
+# docs/faults.md (fault -> what pgpar did -> test).
 test: deps postgres test-access lint tap
+	rm -rf target/faults
 	PGPAR_PG15_BINDIR=$(PG15_BINDIR) PGPAR_PG17_BINDIR="$$(bash pg-patches/build.sh bindir)" \
+	  PGPAR_FAULTS_DIR="$(CURDIR)/target/faults" \
 	  $(CARGO) test --all-targets -- --test-threads=$${PGPAR_TEST_THREADS:-4}
+	bash tests/scripts/faults.sh target/faults > docs/faults.md.new && mv docs/faults.md.new docs/faults.md
 
 demo: deps build
 	@bash tests/scripts/server-access.sh $(PG15_BINDIR)/initdb /tmp

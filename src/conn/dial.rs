@@ -125,7 +125,7 @@ pub(super) async fn open(
                                 .await
                                 .map_err(|e| {
                                     fail(
-                                        format!("TLS handshake failed: {e}"),
+                                        format!("TLS handshake failed: {}", tls_error_text(&e)),
                                         Some(match cfg.sslmode {
                                             SslMode::VerifyFull => "the server certificate must be signed by sslrootcert and name the host given in host= (or -h)".into(),
                                             SslMode::VerifyCa => "the server certificate must be signed by a certificate in sslrootcert".into(),
@@ -168,6 +168,42 @@ pub(super) async fn open(
         }
     };
     Ok(dialled)
+}
+
+/// A TLS handshake failure in words. rustls writes the names a certificate presents as Rust
+/// Debug (`DnsName("localhost")`); a person reads `localhost`.
+fn tls_error_text(e: &io::Error) -> String {
+    use rustls::{CertificateError, Error as TlsError};
+    let inner = e.get_ref().and_then(|i| i.downcast_ref::<TlsError>());
+    if let Some(TlsError::InvalidCertificate(CertificateError::NotValidForNameContext {
+        expected,
+        presented,
+    })) = inner
+    {
+        let names: Vec<String> = presented
+            .iter()
+            .map(|p| {
+                let bare = ["DnsName(", "IpAddress(", "UniformResourceIdentifier("]
+                    .iter()
+                    .find_map(|pre| p.strip_prefix(pre).and_then(|r| r.strip_suffix(')')))
+                    .unwrap_or(p);
+                format!("\"{}\"", bare.trim_matches('"'))
+            })
+            .collect();
+        return if names.is_empty() {
+            format!(
+                "the server certificate is not valid for \"{}\" and names no host",
+                expected.to_str()
+            )
+        } else {
+            format!(
+                "the server certificate is not valid for \"{}\"; it names {}",
+                expected.to_str(),
+                names.join(", ")
+            )
+        };
+    }
+    e.to_string()
 }
 
 /// libpq's `keepalives*` and `tcp_user_timeout` on a TCP socket (Unix sockets have none).

@@ -222,6 +222,10 @@ fn check_wrong_password_fails_for_every_method() {
         out.assert_error(3);
         assert_hides_all(&out);
     }
+    crate::util::fault_covered(
+        "wrong or missing password (password, md5, SCRAM; TCP and socket)",
+        "exit 3 with the server's reason; no password printed; never prompts",
+    );
 }
 
 #[test]
@@ -245,6 +249,10 @@ fn check_role_without_replication_fails() {
     assert!(
         out.error_message().contains("replication"),
         "error does not say replication is missing:\n{out}"
+    );
+    crate::util::fault_covered(
+        "role without the REPLICATION attribute",
+        "exit 3, says replication is missing",
     );
 }
 
@@ -271,6 +279,10 @@ fn check_closed_port_fails() {
     assert!(
         out.error_message().contains(&port.to_string()),
         "error does not say where it tried:\n{out}"
+    );
+    crate::util::fault_covered(
+        "nothing listening on the port",
+        "exit 3, error names host and port",
     );
 }
 
@@ -311,6 +323,10 @@ fn check_verify_full_refuses_wrong_host_name() {
     let out = check(&conninfo, Some(&pw));
     out.assert_error(3);
     assert_hides_all(&out);
+    crate::util::fault_covered(
+        "server certificate does not name the host (sslmode=verify-full)",
+        "exit 3, TLS handshake refused, says why",
+    );
 }
 
 #[test]

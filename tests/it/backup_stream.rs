@@ -553,6 +553,10 @@ fn failure_during_backup_removes_what_was_written() {
     fs::remove_file(c.data.join("pgpar_unreadable")).unwrap();
     let out = backup(&c, &fresh, &[]);
     assert_backup_restores(&c, &fresh, &out);
+    crate::util::fault_covered(
+        "a file the server cannot read, mid stream backup",
+        "exit 1 naming the file; what pgpar wrote removed; server left clean; next backup works",
+    );
 }
 
 #[test]
@@ -575,6 +579,10 @@ fn failure_with_no_clean_keeps_files_but_never_a_manifest() {
         "a failed backup printed a result:\n{out}"
     );
     assert_server_clean(&c);
+    crate::util::fault_covered(
+        "a failed backup with --no-clean",
+        "files kept, never a backup_manifest; exit 1",
+    );
 }
 
 #[test]
@@ -590,6 +598,10 @@ fn parallel_method_on_stock_server_fails_cleanly() {
     );
     assert!(!target.exists(), "-D was left behind:\n{out}");
     assert_server_clean(&c);
+    crate::util::fault_covered(
+        "--method parallel against a stock server",
+        "exit 1, says the server lacks the parallel commands; nothing left",
+    );
 }
 
 #[test]
@@ -665,6 +677,10 @@ fn page_checksum_failure_fails_the_backup_unless_told_not_to_verify() {
     let out = backup(&c, &target, &["--no-verify-checksums"]);
     out.assert_success();
     c.pg_verifybackup(&target);
+    crate::util::fault_covered(
+        "a damaged data page (checksum failure), stream method",
+        "exit 1 mentioning the checksum, no manifest; --no-verify-checksums backs it up",
+    );
 }
 
 #[test]
@@ -843,4 +859,8 @@ fn interrupted_backup_never_looks_finished() {
         "a terminated backup was left behind:\n{out}"
     );
     assert_server_clean(&c);
+    crate::util::fault_covered(
+        "SIGINT or SIGTERM mid-backup",
+        "exit 1 saying it was interrupted; nothing left; server clean",
+    );
 }

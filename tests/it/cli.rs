@@ -66,6 +66,10 @@ fn backup_refuses_non_empty_target_directory() {
         "precious"
     );
     watch.assert_untouched(&out);
+    crate::util::fault_covered(
+        "backup target directory not empty",
+        "exit 2 before any connection; nothing in it touched",
+    );
 }
 
 #[test]
@@ -84,6 +88,10 @@ fn backup_refuses_unwritable_target_directory() {
     }
     assert_eq!(fs::read_to_string(&file).unwrap(), "not a directory");
     assert_eq!(list(dir.path()), ["a-file"]);
+    crate::util::fault_covered(
+        "backup target directory not writable",
+        "exit 2 before any connection",
+    );
 }
 
 #[test]
@@ -181,6 +189,10 @@ fn bad_options_are_usage_errors() {
         assert!(!target.exists(), "-D was created for {args:?}:\n{out}");
         watch.assert_untouched(&out);
     }
+    crate::util::fault_covered(
+        "invalid option values (-c, --manifest-checksums, --method, -j, port)",
+        "exit 2 before any connection; -D not created",
+    );
 }
 
 #[test]

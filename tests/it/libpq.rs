@@ -74,6 +74,10 @@ fn channel_binding_require_refused_without_scram_plus_over_tls() {
         ])
         .env("PGCHANNELBINDING", "require"));
     assert_refused(&out, "without channel binding");
+    crate::util::fault_covered(
+        "channel_binding=require, and the server authenticates without SCRAM-SHA-256-PLUS over TLS (md5, password, trust, or no TLS)",
+        "refused with libpq's message before any password is sent; exit 3",
+    );
 }
 
 #[test]
@@ -98,6 +102,10 @@ fn channel_binding_require_accepted_with_scram_plus_over_tls() {
         Some(&password("scram_user")),
     )
     .assert_success();
+    crate::util::fault_covered(
+        "channel_binding=require against SCRAM-SHA-256 over TLS",
+        "SCRAM-SHA-256-PLUS with tls-server-end-point binding; connects",
+    );
 }
 
 #[test]
@@ -150,6 +158,10 @@ fn options_reach_the_server_and_target_session_attrs_is_checked() {
         .args(["check", "--json", "-d", &c.conninfo("trust_user")])
         .env("PGOPTIONS", "-c no_such_setting=1"));
     assert_refused(&out, "no_such_setting");
+    crate::util::fault_covered(
+        "target_session_attrs the server does not satisfy (read-only session, not a standby), or an options= setting the server does not know",
+        "session refused with libpq's reason (\"session is read-only\" …) or the server's error; exit 3",
+    );
 }
 
 #[test]
@@ -199,6 +211,10 @@ fn unsupported_libpq_keywords_are_refused_not_ignored() {
             "{kw}: expected \"{expect}\":\n{out}"
         );
     }
+    crate::util::fault_covered(
+        "a libpq keyword pgpar does not implement (sslpassword, require_auth, sslcrl, service, gssencmode=require) or a misspelt one",
+        "refused with a clear error naming it and what to do instead; exit 2, never ignored",
+    );
 }
 
 #[test]
@@ -215,6 +231,10 @@ fn pgpassfile_that_is_not_a_plain_file_gets_libpq_warning() {
             dir.path().display()
         )),
         "no warning about the directory given as PGPASSFILE:\n{out}"
+    );
+    crate::util::fault_covered(
+        "PGPASSFILE names a directory",
+        "libpq's warning (\"is not a plain file\"), file skipped",
     );
 }
 
@@ -324,5 +344,9 @@ fn client_certificate_login_with_cert_auth() {
     assert_refused(
         &check(&format!("{base} sslcert={crt} sslkey={key}"), None),
         "has group or world access",
+    );
+    crate::util::fault_covered(
+        "cert auth in pg_hba.conf: no client certificate, or a key file others may read",
+        "no certificate: the server's refusal, exit 3; open key: refused with libpq's permission message",
     );
 }

@@ -92,4 +92,8 @@ fn server_stopped_fast_mid_backup_ends_in_one_readable_line() {
         let msg = out.error_message();
         assert!(!msg.is_empty() && !msg.contains('\n'), "{method}:\n{out}");
     }
+    crate::util::fault_covered(
+        "server stopped with pg_ctl stop -m fast mid-backup (parallel on 17, stream on 15)",
+        "exit 1, one readable error line, no manifest",
+    );
 }

@@ -297,6 +297,10 @@ fn killed_worker_connection_is_retried_and_the_backup_completes() {
     c.pg_verifybackup(&target);
     let copy = c.start_backup_copy(&target);
     assert_eq!(snapshot_min(&copy), before);
+    crate::util::fault_covered(
+        "a worker's walsender killed mid-backup",
+        "its ranges fetched again; the backup completes and restores",
+    );
 }
 
 fn snapshot_min(c: &Cluster) -> String {
@@ -345,6 +349,10 @@ fn killed_leader_fails_cleanly_and_leaves_nothing() {
     // The server-side backup is over: a new one can start at once.
     let target2 = dir.path().join("again");
     pbackup(&c, &target2, &["-j", "2"]).assert_success();
+    crate::util::fault_covered(
+        "the leader's walsender killed mid-backup",
+        "exit 1, nothing left",
+    );
 }
 
 #[test]
@@ -400,6 +408,10 @@ fn too_few_wal_senders_is_reported_before_any_work() {
         c.psql("SELECT count(*) FROM pg_replication_slots;").trim(),
         "0"
     );
+    crate::util::fault_covered(
+        "max_wal_senders too low for --jobs",
+        "refused before any work with the number needed",
+    );
 }
 
 #[test]
@@ -449,6 +461,10 @@ fn page_checksum_failure_keeps_files_without_a_manifest() {
     let target = dir.path().join("unverified");
     pbackup(&c, &target, &["-j", "2", "--no-verify-checksums"]).assert_success();
     c.pg_verifybackup(&target);
+    crate::util::fault_covered(
+        "a damaged data page (checksum failure), parallel method",
+        "exit 1, files kept without a manifest",
+    );
 }
 
 #[test]

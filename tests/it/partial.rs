@@ -287,16 +287,28 @@ fn partial_backups_never_start(pg: Pg, method: &[&str]) {
 #[test]
 fn partial_parallel_backup_never_starts() {
     partial_backups_never_start(Pg::V17, &["--method", "parallel", "-j", "2"]);
+    crate::util::fault_covered(
+        "pgpar killed (SIGKILL) mid-copy or while waiting for the end of WAL, parallel method",
+        "what is left refuses to start as a server",
+    );
 }
 
 #[test]
 fn partial_stream_backup_of_pg15_never_starts() {
     partial_backups_never_start(Pg::V15, &["--method", "stream"]);
+    crate::util::fault_covered(
+        "pgpar killed (SIGKILL) mid-copy or while waiting for the end of WAL, stream method (15)",
+        "what is left refuses to start as a server",
+    );
 }
 
 #[test]
 fn partial_stream_backup_of_pg17_never_starts() {
     partial_backups_never_start(Pg::V17, &["--method", "stream"]);
+    crate::util::fault_covered(
+        "pgpar killed (SIGKILL) mid-copy or while waiting for the end of WAL, stream method (17)",
+        "what is left refuses to start as a server",
+    );
 }
 
 /// A cluster with an in-place tablespace holding a table; returns (oid, the table's digest).

@@ -217,6 +217,10 @@ fn a_broken_wal_stream_says_it_was_the_wal_stream() {
         .unwrap_or_else(|| panic!("no error line:\n{stderr}"));
     assert!(error.starts_with("WAL stream: "), "{stderr}");
     assert!(!target.exists(), "{} was left behind", target.display());
+    crate::util::fault_covered(
+        "the WAL stream's walsender terminated mid-backup",
+        "exit 1, the error names the WAL stream",
+    );
 }
 
 #[test]
@@ -265,6 +269,10 @@ fn in_place_tablespaces_are_copied_inside_the_backup_by_both_methods() {
             "{method}"
         );
     }
+    crate::util::fault_covered(
+        "an in-place tablespace (relative location under pg_tblspc)",
+        "copied inside -D by both methods, nothing written outside; restores with its rows",
+    );
 }
 
 #[test]

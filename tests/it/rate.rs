@@ -112,4 +112,8 @@ fn max_rate_holds_after_a_stall() {
             );
         }
     }
+    crate::util::fault_covered(
+        "pgpar stopped (SIGSTOP) for 4 s during a -r 2M parallel backup",
+        "no catch-up burst: bytes in every window of 1 s or more stay under the rate plus a 0.1 s burst; the backup verifies",
+    );
 }

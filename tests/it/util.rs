@@ -243,3 +243,36 @@ pub fn list(dir: &Path) -> Vec<String> {
 pub fn mode(path: &Path) -> u32 {
     fs::symlink_metadata(path).unwrap().mode() & 0o7777
 }
+
+/// Registers, for `docs/faults.md`, that the running test provoked `fault` and saw pgpar do
+/// `outcome`. Call it after the assertions that prove the outcome, so a row exists only
+/// where they held; `make test` sets `PGPAR_FAULTS_DIR`, and assembles the table
+/// (tests/scripts/faults.sh) only when the whole suite passed. Elsewhere it does nothing.
+///
+/// The test's name is the libtest thread's name (libtest runs each test on a thread named
+/// after it, whatever `--test-threads` says), so a renamed test renames its rows.
+pub fn fault_covered(fault: &str, outcome: &str) {
+    let Some(dir) = std::env::var_os("PGPAR_FAULTS_DIR").filter(|d| !d.is_empty()) else {
+        return;
+    };
+    for s in [fault, outcome] {
+        assert!(
+            !s.contains(['\t', '\n']),
+            "a fault row may not hold tabs or newlines: {s:?}"
+        );
+    }
+    let thread = std::thread::current();
+    let test = thread
+        .name()
+        .filter(|n| *n != "main")
+        .expect("fault_covered runs on a libtest test thread");
+    let dir = PathBuf::from(dir);
+    fs::create_dir_all(&dir).unwrap();
+    use std::io::Write;
+    let mut f = fs::OpenOptions::new()
+        .create(true)
+        .append(true)
+        .open(dir.join(format!("{}.tsv", test.replace("::", "__"))))
+        .unwrap();
+    writeln!(f, "{fault}\t{outcome}\t{test}").unwrap();
+}
