@@ -189,6 +189,11 @@ fn server_hint(code: &str) -> Option<String> {
              server (needs a restart), or use fewer --jobs"
                 .into(),
         ),
+        sqlstate::ADMIN_SHUTDOWN | sqlstate::CRASH_SHUTDOWN | sqlstate::CANNOT_CONNECT_NOW => Some(
+            "the server stopped or restarted during the backup: run the backup again once it \
+             is up"
+                .into(),
+        ),
         _ => None,
     }
 }

@@ -18,6 +18,10 @@ pub const CONFIGURATION_LIMIT_EXCEEDED: &str = "53400";
 /// Class `57`, operator_intervention: the server ended the session (shutdown, termination);
 /// a fresh connection may get past it.
 pub const CLASS_OPERATOR_INTERVENTION: &str = "57";
+/// `57P01` admin_shutdown (`pg_ctl stop -m fast` or `-m smart` ended the session).
+pub const ADMIN_SHUTDOWN: &str = "57P01";
+/// `57P02` crash_shutdown (another backend crashed; the server restarts).
+pub const CRASH_SHUTDOWN: &str = "57P02";
 /// `57P03` cannot_connect_now (starting up or shutting down).
 pub const CANNOT_CONNECT_NOW: &str = "57P03";
 /// `XX001` data_corrupted (BASE_BACKUP found pages whose checksums fail).

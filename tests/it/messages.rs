@@ -91,6 +91,14 @@ fn server_stopped_fast_mid_backup_ends_in_one_readable_line() {
         crate::util::assert_readable(&out.stderr, &out.cmdline);
         let msg = out.error_message();
         assert!(!msg.is_empty() && !msg.contains('\n'), "{method}:\n{out}");
+        // Where the server's own shutdown error reached pgpar, the hint says what to do.
+        if msg.contains("SQLSTATE 57P01") {
+            assert!(
+                out.stderr
+                    .contains("pgpar: hint: the server stopped or restarted during the backup"),
+                "{method}: no hint after the server's shutdown:\n{out}"
+            );
+        }
     }
     crate::util::fault_covered(
         "server stopped with pg_ctl stop -m fast mid-backup (parallel on 17, stream on 15)",
