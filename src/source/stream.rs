@@ -76,6 +76,8 @@ impl Source for StreamSource {
         leader: &mut Connection,
         sink: &Arc<PlainDir>,
     ) -> Result<Copied> {
+        // For the message if the copy fails: which server (the connection is borrowed below).
+        let server = leader.target().to_string();
         let (tx, rx) = mpsc::channel::<StreamMessage>(QUEUE);
         let by_location = self
             .tablespaces
@@ -123,7 +125,7 @@ impl Source for StreamSource {
             .await
             .map_err(|e| Error::Failed(format!("extract thread failed: {e}")))?
             .map_err(|_| Error::Failed("extract thread panicked".into()))?;
-        copy_res.map_err(|e| e.context("backup stream failed"))?;
+        copy_res.map_err(|e| e.context(format!("backup stream from {server} failed")))?;
         let manifest = extracted?;
         progress.finish();
         let stats = sink.stats();

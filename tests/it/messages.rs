@@ -91,6 +91,14 @@ fn server_stopped_fast_mid_backup_ends_in_one_readable_line() {
         crate::util::assert_readable(&out.stderr, &out.cmdline);
         let msg = out.error_message();
         assert!(!msg.is_empty() && !msg.contains('\n'), "{method}:\n{out}");
+        if method == "stream" {
+            // Where: the server, by host and port.
+            let server = format!("127.0.0.1 port {}", c.port);
+            assert!(
+                msg.contains(&server),
+                "{method}: {server} not named:\n{out}"
+            );
+        }
         // Where the server's own shutdown error reached pgpar, the hint says what to do.
         if msg.contains("SQLSTATE 57P01") {
             assert!(
