@@ -165,6 +165,9 @@ pub struct ConnConfig {
     pub ssl_versions: (u8, u8),
     /// Every keyword given explicitly (conninfo and options), for `primary_conninfo`.
     pub explicit: BTreeMap<String, String>,
+    /// Server settings sent in the startup packet (the backup's own sessions set their
+    /// timeouts to 0 here; empty unless the caller sets it).
+    pub session_settings: Vec<(String, String)>,
 }
 
 impl fmt::Debug for ConnConfig {
@@ -804,6 +807,7 @@ impl ConnConfig {
             sslsni,
             ssl_versions,
             explicit,
+            session_settings: Vec::new(),
         })
     }
 }

@@ -141,9 +141,10 @@ struct BackupArgs {
     /// Backup method.
     #[arg(long, value_enum, default_value = "auto")]
     method: MethodArg,
-    /// Worker connections for the parallel and sql methods.
-    #[arg(short = 'j', long, default_value_t = 4)]
-    jobs: usize,
+    /// Worker connections for the parallel and sql methods [default: 4, fewer when the
+    /// server's free walsenders do not allow 4].
+    #[arg(short = 'j', long)]
+    jobs: Option<usize>,
     /// Files larger than this are split into ranges spread over the workers (parallel and sql methods).
     #[arg(long, default_value = "64MB", value_name = "SIZE")]
     chunk_size: String,
@@ -159,6 +160,13 @@ struct BackupArgs {
     /// Maximum total transfer rate, kB/s (suffix k or M), across all connections.
     #[arg(short = 'r', long, value_name = "RATE")]
     max_rate: Option<String>,
+    /// A connection that delivers nothing for this many seconds is taken for stalled: a
+    /// worker's ranges are fetched again elsewhere, anything else ends the backup.
+    #[arg(long, value_name = "SECONDS", default_value_t = pgpar::options::DEFAULT_STALL_TIMEOUT)]
+    stall_timeout: u64,
+    /// Do not compare the size of the backup with the free space of the target first.
+    #[arg(long)]
+    no_space_check: bool,
 }
 
 impl BackupArgs {
@@ -192,7 +200,10 @@ impl BackupArgs {
                 MethodArg::Parallel => MethodChoice::Parallel,
                 MethodArg::Sql => MethodChoice::Sql,
             },
-            jobs: self.jobs,
+            jobs: self.jobs.unwrap_or(4),
+            jobs_given: self.jobs.is_some(),
+            stall_timeout: self.stall_timeout,
+            no_space_check: self.no_space_check,
             chunk_size: self.chunk_size.clone(),
             write_recovery_conf: self.write_recovery_conf,
             slot: self.slot.clone(),

@@ -12,6 +12,17 @@ use crate::progress::ProgressMode;
 use crate::replication;
 use crate::sink::plain::TablespaceMap;
 
+/// `--stall-timeout`'s default, seconds. A slow link still delivers bytes all the time; a
+/// connection only falls silent when the server does, or when the network drops everything.
+/// A live server is never silent that long: the stream method's server reads sends file data
+/// continuously, a worker's server answers each range as it reads it, and the WAL stream asks
+/// for a reply every 10 s. A network outage that TCP recovers from can hold a connection up to
+/// its longest retransmission timeout (120 s on Linux) before data flows again, and the
+/// server's own `wal_sender_timeout` (60 s by default) ends a silent replication connection on
+/// its side. Five minutes is beyond both, so a live link is never cut; a stalled worker costs
+/// at most that before its ranges go to a fresh connection.
+pub const DEFAULT_STALL_TIMEOUT: u64 = 300;
+
 /// `-c`.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Checkpoint {
@@ -102,6 +113,12 @@ pub struct BackupRequest {
     pub create_slot: bool,
     /// `-r`, as typed.
     pub max_rate: Option<String>,
+    /// Whether `-j` was given (otherwise the session picks the workers that fit).
+    pub jobs_given: bool,
+    /// `--stall-timeout`, seconds.
+    pub stall_timeout: u64,
+    /// `--no-space-check`.
+    pub no_space_check: bool,
 }
 
 /// Checked options of one backup.
@@ -139,6 +156,12 @@ pub struct BackupOptions {
     pub create_slot: bool,
     /// Total transfer rate limit, bytes/s.
     pub max_rate: Option<u64>,
+    /// Whether `-j` was given: then `jobs` is a requirement, else the most to use.
+    pub jobs_given: bool,
+    /// A connection that delivers nothing for this long is taken for stalled.
+    pub stall_timeout: std::time::Duration,
+    /// Skip the free-space check of the pre-flight.
+    pub space_check: bool,
 }
 
 /// Parses a pg_basebackup-style rate: kB/s, or with a k/M suffix; 32 kB/s to 1 GB/s.
@@ -221,6 +244,11 @@ impl BackupRequest {
             check_slot_name(s)?;
         }
         let max_rate = self.max_rate.as_deref().map(parse_rate).transpose()?;
+        if self.stall_timeout == 0 {
+            return Err(Error::Usage(
+                "invalid --stall-timeout 0: give seconds, at least 1".into(),
+            ));
+        }
         let chunk_size = parse_chunk(&self.chunk_size)?;
         let dir = if self.pgdata.is_absolute() {
             self.pgdata.clone()
@@ -254,6 +282,9 @@ impl BackupRequest {
             slot: self.slot.clone(),
             create_slot: self.create_slot,
             max_rate,
+            jobs_given: self.jobs_given,
+            stall_timeout: std::time::Duration::from_secs(self.stall_timeout),
+            space_check: !self.no_space_check,
         })
     }
 }

@@ -31,12 +31,13 @@ use crate::options::{BackupOptions, Method, MethodChoice};
 use crate::protocol::sqlstate;
 use crate::replication::{self, timeline_history, SystemInfo};
 use crate::sink::dir::PlainDir;
+use crate::sink::gate::Gate;
 use crate::sink::plain::{make_dir, prepare_empty_dir};
 use crate::sink::seam::Sink;
 use crate::source::parallel::ParallelSource;
 use crate::source::sql::SqlSource;
 use crate::source::stream::StreamSource;
-use crate::wal::{self, WalOptions, WalResult};
+use crate::wal::{self, Bounds, WalOptions, WalResult};
 
 /// Where the library's messages for the user go (the binary prints them).
 pub trait Reporter: Send + Sync {
@@ -242,11 +243,29 @@ struct Cleanup {
     dirs: Vec<(PathBuf, bool)>,
     /// A permanent slot created with -C, dropped on failure.
     slot: Option<String>,
+    /// Every writer's pass: closed (and waited for) before anything is removed.
+    gate: Gate,
 }
 
 impl Cleanup {
     fn add_dir(&mut self, p: PathBuf, created: bool) {
         self.dirs.push((p, created));
+    }
+
+    /// Stops every writer still running (the pool's writer threads, the extractor, the WAL
+    /// stream: a failed future leaves them to notice at their next step) and waits for them,
+    /// so that nothing is created in a directory while it is being removed.
+    async fn stop_writers(&self, reporter: &dyn Reporter) {
+        let gate = self.gate.clone();
+        let limit = std::time::Duration::from_secs(30);
+        let all_gone = tokio::task::spawn_blocking(move || gate.close_and_wait(limit))
+            .await
+            .unwrap_or(false);
+        if !all_gone {
+            reporter.warning(
+                "a writer of the backup did not stop within 30 s (a write hanging in the kernel?); removing what was written anyway",
+            );
+        }
     }
 
     fn remove_files(&self) {
@@ -300,6 +319,7 @@ pub async fn run(
         return Err(before(e));
     }
     let started = Instant::now();
+    let cfg = &own_sessions(cfg);
     let res = tokio::select! {
         r = backup(cfg, opts, &reporter, &mut cleanup) => r,
         why = stop => Err(Error::Failed(why)),
@@ -312,6 +332,7 @@ pub async fn run(
             Ok(summary)
         }
         Err(e) => {
+            cleanup.stop_writers(reporter.as_ref()).await;
             let corrupt = matches!(e.root(), Error::DataChecksums(_));
             if opts.no_clean || corrupt {
                 // Never leave something that looks finished.
@@ -339,6 +360,22 @@ pub async fn run(
     }
 }
 
+/// The connection settings of the backup's own sessions: the leader sits idle between its
+/// commands while the workers copy, and a server-wide `idle_session_timeout`,
+/// `idle_in_transaction_session_timeout` or `statement_timeout` must not end it (or a worker,
+/// or the WAL stream) half-way. All three exist from PostgreSQL 14 on; backups need 15.
+fn own_sessions(cfg: &ConnConfig) -> ConnConfig {
+    let mut own = cfg.clone();
+    for name in [
+        "idle_session_timeout",
+        "idle_in_transaction_session_timeout",
+        "statement_timeout",
+    ] {
+        own.session_settings.push((name.into(), "0".into()));
+    }
+    own
+}
+
 /// Connects the leader, checks the server, chooses the method and runs it in the frame.
 async fn backup(
     cfg: &ConnConfig,
@@ -346,7 +383,20 @@ async fn backup(
     reporter: &Arc<dyn Reporter>,
     cleanup: &mut Cleanup,
 ) -> Result<Summary> {
-    let mut leader = Connection::connect(cfg, Replication::Physical).await?;
+    let mut leader = Connection::connect(cfg, Replication::Physical)
+        .await
+        .map_err(|e| {
+            // Servers before 14 refuse the settings of own_sessions at startup.
+            if e.to_string()
+                .contains("unrecognized configuration parameter \"idle_session_timeout\"")
+            {
+                Error::Failed(format!(
+                    "{e}: the server runs a PostgreSQL older than 14, pgpar needs 15 or later"
+                ))
+            } else {
+                e
+            }
+        })?;
     let version = leader.server_version_num().unwrap_or(0);
     if version < 150000 {
         return Err(Error::Failed(format!(
@@ -387,7 +437,7 @@ async fn backup(
         seg_size,
         cluster_mode,
     };
-    let wal = WalSlot::prepare(&s, cleanup).await?;
+    let wal = WalSlot::prepare(&s, cleanup).await?.start(&s, cleanup)?;
     let mut summary = match method {
         Method::Parallel => frame(&s, leader, wal, cleanup, ParallelSource::default()).await,
         Method::Stream => frame(&s, leader, wal, cleanup, StreamSource::default()).await,
@@ -510,15 +560,23 @@ async fn check_wal_senders(opts: &BackupOptions, leader: &mut Connection) -> Res
 async fn frame<S: Source>(
     s: &Session<'_>,
     mut leader: Connection,
-    wal: WalSlot,
+    mut wal: WalHandle,
     cleanup: &mut Cleanup,
     mut source: S,
 ) -> Result<Summary> {
-    let started = source.start(s, &mut leader).await?;
+    // The WAL stream runs already (see crate::wal): if it fails during the start (its
+    // slot invalidated, say), the backup stops there.
+    wal.holding().await?;
+    let started = tokio::select! {
+        r = source.start(s, &mut leader) => r?,
+        e = wal.failed() => return Err(e),
+    };
+    wal.backup_started(started.start_lsn, started.timeline)?;
     let ts_dirs = prepare_tablespaces(s, &started.tablespaces, cleanup)?;
     let sink = Arc::new(
         PlainDir::new(s.opts.dir.clone(), ts_dirs, s.opts.map.clone())
-            .with_file_mode(s.file_mode()),
+            .with_file_mode(s.file_mode())
+            .with_gate(cleanup.gate.clone()),
     );
     // backup_label first: a copy interrupted part-way must not start as a server that
     // believes it is consistent (it would, from pg_control alone, without the label).
@@ -526,7 +584,6 @@ async fn frame<S: Source>(
         sink.put("backup_label", label.as_bytes())?;
         sink.make_durable("backup_label")?;
     }
-    let mut wal = wal.start(s, started.timeline, started.start_lsn)?;
     let copied = tokio::select! {
         r = source.copy(s, &mut leader, &sink) => r,
         e = wal.failed() => Err(e),
@@ -740,8 +797,8 @@ fn prepare_tablespaces(
     Ok(out)
 }
 
-/// The WAL connection and its slot, set up before the backup starts so that WAL from the
-/// backup's start is retained.
+/// The WAL connection and its slot, set up before the backup starts (see [`crate::wal`] for
+/// why then, and why WAL from the backup's start is safe).
 struct WalSlot {
     conn: Connection,
     slot: String,
@@ -749,55 +806,225 @@ struct WalSlot {
 
 impl WalSlot {
     async fn prepare(s: &Session<'_>, cleanup: &mut Cleanup) -> Result<WalSlot> {
-        let mut conn = Connection::connect(s.cfg, Replication::Physical).await?;
+        let mut conn = Connection::connect(s.cfg, Replication::Physical)
+            .await
+            .map_err(|e| e.context("WAL stream"))?;
         let slot = match &s.opts.slot {
             Some(name) => {
                 if s.opts.create_slot {
-                    replication::create_physical_slot(&mut conn, name, false).await?;
+                    replication::create_physical_slot(&mut conn, name, false, false).await?;
                     cleanup.slot = Some(name.clone());
                 }
                 name.clone()
             }
             None => {
                 let name = format!("pgpar_{}", conn.backend_pid());
-                replication::create_physical_slot(&mut conn, &name, true).await?;
+                replication::create_physical_slot(&mut conn, &name, true, false).await?;
                 name
             }
         };
         Ok(WalSlot { conn, slot })
     }
 
-    /// Starts streaming from the segment holding `start` into `<dir>/pg_wal`.
-    fn start(self, s: &Session<'_>, timeline: u32, start: Lsn) -> Result<WalHandle> {
+    /// Starts streaming into `<dir>/pg_wal`, from the segment of the server's flush position
+    /// now, before the backup starts.
+    fn start(self, s: &Session<'_>, cleanup: &Cleanup) -> Result<WalHandle> {
         let wal_dir = s.opts.dir.join("pg_wal");
         let dir_mode = s.cluster_mode & 0o750 | 0o700;
         make_dir(&wal_dir, dir_mode)?;
         make_dir(&wal_dir.join("archive_status"), dir_mode)?;
-        let (end, end_rx) = watch::channel(None);
-        let task = tokio::spawn(wal::stream(
-            self.conn,
-            WalOptions {
+        let (bounds, bounds_rx) = watch::channel(Bounds::default());
+        let run = WalRun {
+            cfg: s.cfg.clone(),
+            temporary: s.opts.slot.is_none(),
+            slot: self.slot.clone(),
+            gate: cleanup.gate.clone(),
+            timeline: s.sys.timeline,
+            opts: WalOptions {
                 dir: wal_dir,
-                slot: self.slot,
-                timeline,
-                start,
+                timeline: s.sys.timeline,
+                start: Lsn(0),
                 segment_size: s.seg_size,
                 file_mode: s.file_mode(),
+                stall_timeout: s.opts.stall_timeout,
             },
-            end_rx,
-        ));
-        Ok(WalHandle { task, end })
+        };
+        let (holding_tx, holding) = watch::channel(false);
+        let task = tokio::spawn(run.stream(self, bounds_rx, holding_tx));
+        Ok(WalHandle {
+            task,
+            bounds,
+            holding,
+            timeline: s.sys.timeline,
+        })
     }
+}
+
+/// What the WAL stream's task needs to (re)start.
+struct WalRun {
+    cfg: ConnConfig,
+    /// Whether the slot is our temporary one (made again on a new connection).
+    temporary: bool,
+    /// The slot's name (the user's, for a slot that is not temporary).
+    slot: String,
+    gate: Gate,
+    timeline: u32,
+    opts: WalOptions,
+}
+
+/// Streams one WAL stream may take, the first included (see [`WalRun::stream`]).
+const WAL_TRIES: u32 = 5;
+
+impl WalRun {
+    /// Streams from the server's flush position now, over as many streams as it takes.
+    ///
+    /// A stream that fails on the server's side (its walsender ended: the slot invalidated
+    /// by `max_slot_wal_keep_size` when the stream fell behind, a segment removed before it
+    /// was read, the connection cut) is replaced by a new one on a fresh connection and
+    /// temporary slot: before the backup has started nothing depends on what was streamed,
+    /// so it starts afresh from the server's position then, with what was written removed;
+    /// after, it resumes exactly where the last one stopped, which works as long as the
+    /// server still has that WAL (if not, the server says so and the backup fails). A slot
+    /// of the user's (`-S`) is never replaced.
+    async fn stream(
+        self,
+        first: WalSlot,
+        bounds: watch::Receiver<Bounds>,
+        holding: watch::Sender<bool>,
+    ) -> Result<WalResult> {
+        let mut slot = Some(first);
+        let mut files: Option<wal::SegmentWriter> = None;
+        // Where to start over, when the backup turned out to start before the stream did.
+        let mut start_at: Option<Lsn> = None;
+        let mut tries = 0;
+        let mut resumed = false;
+        loop {
+            tries += 1;
+            let mut ws = match slot.take() {
+                Some(ws) => ws,
+                None => {
+                    let mut conn = Connection::connect(&self.cfg, Replication::Physical).await?;
+                    let name = if self.temporary {
+                        let name = format!("pgpar_{}", conn.backend_pid());
+                        replication::create_physical_slot(&mut conn, &name, true, false).await?;
+                        name
+                    } else {
+                        self.slot.clone()
+                    };
+                    WalSlot { conn, slot: name }
+                }
+            };
+            let from = match &files {
+                Some(w) => w.written(),
+                None => {
+                    // Where the server is now: the backup's start comes at or after it.
+                    let now = replication::identify_system(&mut ws.conn).await?;
+                    if now.timeline != self.timeline {
+                        return Err(Error::Failed(format!(
+                            "the server's timeline changed from {} to {} as the backup began (a promotion?): run the backup again",
+                            self.timeline, now.timeline
+                        )));
+                    }
+                    let first = start_at.take().unwrap_or(now.xlogpos);
+                    let w = wal::SegmentWriter::new(
+                        WalOptions {
+                            start: first,
+                            ..self.opts.clone()
+                        },
+                        Some(self.gate.pass()),
+                    );
+                    let from = first.segment_start(self.opts.segment_size);
+                    files = Some(w);
+                    from
+                }
+            };
+            let w = files.as_mut().expect("segment writer");
+            let res = wal::stream(ws.conn, w, from, &ws.slot, bounds.clone(), &holding).await;
+            let early = bounds.borrow().start.is_none();
+            match res {
+                Ok(wal::Ended::Done) => return Ok(files.take().expect("segment writer").result()),
+                Ok(wal::Ended::StartAt(lsn)) if start_at.is_none() && tries < WAL_TRIES => {
+                    // A standby: its backup starts at its last restartpoint, which it keeps.
+                    tracing::info!("WAL stream: the backup starts at {lsn}, before the stream did; streaming from there");
+                    files = None;
+                    clear_dir(&self.opts.dir)?;
+                    start_at = Some(lsn);
+                }
+                Ok(wal::Ended::StartAt(lsn)) => {
+                    return Err(Error::Failed(format!(
+                        "the backup started at {lsn}, before the WAL stream could start: run the backup again"
+                    )))
+                }
+                Err(e)
+                    if self.temporary
+                        && tries < WAL_TRIES
+                        && matches!(
+                            e.root(),
+                            Error::Server { .. } | Error::ConnectionLost { .. }
+                        ) =>
+                {
+                    if early {
+                        tracing::info!(
+                            "WAL stream: {e}; starting it again (the backup has not started yet)"
+                        );
+                        files = None;
+                        clear_dir(&self.opts.dir)?;
+                    } else {
+                        tracing::warn!(
+                            "WAL stream: {e}; resuming at {} on a new connection (try {} of {WAL_TRIES})",
+                            w.written(),
+                            tries + 1
+                        );
+                        resumed = true;
+                    }
+                }
+                Err(e) if resumed => {
+                    let removed = e.to_string().contains("has already been removed");
+                    return Err(e.context(format!(
+                        "gave up after {tries} streams, the last resuming at {}{}",
+                        w.written(),
+                        if removed {
+                            " (the server no longer had that WAL: the stream fell further behind than max_slot_wal_keep_size allows)"
+                        } else {
+                            ""
+                        }
+                    )));
+                }
+                Err(e) => return Err(e),
+            }
+        }
+    }
+}
+
+/// Removes the WAL files of a stream that is started again (not `archive_status` itself).
+fn clear_dir(dir: &Path) -> Result<()> {
+    for d in [dir.to_path_buf(), dir.join("archive_status")] {
+        let rd = std::fs::read_dir(&d)
+            .map_err(|e| Error::io(format!("could not read \"{}\"", d.display()), e))?;
+        for e in rd.flatten() {
+            let p = e.path();
+            if p.is_file() {
+                std::fs::remove_file(&p)
+                    .map_err(|e| Error::io(format!("could not remove \"{}\"", p.display()), e))?;
+            }
+        }
+    }
+    Ok(())
 }
 
 /// A running WAL stream.
 struct WalHandle {
     task: JoinHandle<Result<WalResult>>,
-    end: watch::Sender<Option<Lsn>>,
+    bounds: watch::Sender<Bounds>,
+    /// Set once the slot holds WAL from the stream's start.
+    holding: watch::Receiver<bool>,
+    /// The timeline it streams.
+    timeline: u32,
 }
 
-/// A backup that fails drops its WAL stream: stop the task there and then, so it cannot write
-/// into a directory that cleanup is removing (a dropped JoinHandle alone leaves it running).
+/// A backup that fails drops its WAL stream: stop the task there and then (a dropped
+/// JoinHandle alone leaves it running); its pass of the gate keeps the session from removing
+/// the directory until it is gone.
 impl Drop for WalHandle {
     fn drop(&mut self) {
         self.task.abort();
@@ -805,7 +1032,7 @@ impl Drop for WalHandle {
 }
 
 impl WalHandle {
-    /// Fails as soon as the WAL stream fails (to race against the copy).
+    /// Fails as soon as the WAL stream fails (to race against the start and the copy).
     async fn failed(&mut self) -> Error {
         match (&mut self.task).await {
             Ok(Err(e)) => e.context("WAL stream"),
@@ -814,9 +1041,33 @@ impl WalHandle {
         }
     }
 
+    /// Waits until the slot holds WAL from the stream's start: only then may the backup's
+    /// checkpoint run (see [`crate::wal`]).
+    async fn holding(&mut self) -> Result<()> {
+        let mut holding = self.holding.clone();
+        tokio::select! {
+            r = holding.wait_for(|h| *h) => r
+                .map(|_| ())
+                .map_err(|_| Error::Failed("WAL stream: stopped before it started".into())),
+            e = self.failed() => Err(e),
+        }
+    }
+
+    /// The backup has started at `start` on `timeline`: the stream keeps WAL from there on.
+    fn backup_started(&mut self, start: Lsn, timeline: u32) -> Result<()> {
+        if timeline != self.timeline {
+            return Err(Error::Failed(format!(
+                "the backup started on timeline {timeline}, but WAL streams from timeline {} (the server was promoted as the backup began?): run the backup again",
+                self.timeline
+            )));
+        }
+        self.bounds.send_modify(|b| b.start = Some(start));
+        Ok(())
+    }
+
     /// Tells the stream where to stop and waits for it.
     async fn finish(mut self, stop: Lsn) -> Result<WalResult> {
-        let _ = self.end.send(Some(stop));
+        self.bounds.send_modify(|b| b.end = Some(stop));
         (&mut self.task)
             .await
             .map_err(|e| Error::Failed(format!("WAL stream: task failed: {e}")))?

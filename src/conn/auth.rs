@@ -58,6 +58,10 @@ impl Connection {
         if let Some(o) = cfg.options.as_deref() {
             params.push(("options", o));
         }
+        // After `options`: a setting given both ways takes the startup packet's own value.
+        for (k, v) in &cfg.session_settings {
+            params.push((k, v));
+        }
         frontend::startup_message(params.iter().copied(), &mut self.wbuf).map_err(|e| {
             self.connect_err(format!("could not build startup message: {e}"), None, None)
         })?;

@@ -90,16 +90,20 @@ pub fn parse_size(v: &str) -> Option<u64> {
     Some(n * mult)
 }
 
-/// Creates a physical slot reserving WAL now; temporary slots vanish with the session.
+/// Creates a physical slot; temporary slots vanish with the session. With `reserve_wal` it
+/// holds WAL from the server's last redo pointer at once; without, from the first position a
+/// stream on it reports (which cannot be invalidated by `max_slot_wal_keep_size` before then).
 pub async fn create_physical_slot(
     c: &mut Connection,
     name: &str,
     temporary: bool,
+    reserve_wal: bool,
 ) -> Result<Option<Lsn>> {
     let cmd = format!(
-        "CREATE_REPLICATION_SLOT {}{} PHYSICAL (RESERVE_WAL)",
+        "CREATE_REPLICATION_SLOT {}{} PHYSICAL{}",
         quote_ident(name),
-        if temporary { " TEMPORARY" } else { "" }
+        if temporary { " TEMPORARY" } else { "" },
+        if reserve_wal { " (RESERVE_WAL)" } else { "" }
     );
     let sets = c.simple_query(&cmd).await.map_err(|e| {
         let hint = if e.sqlstate() == Some(sqlstate::CONFIGURATION_LIMIT_EXCEEDED) {

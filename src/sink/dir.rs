@@ -14,6 +14,7 @@ use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 
+use super::gate::{Gate, Pass};
 use super::plain::{dir_mode, file_mode, make_dir, safe_relative, TablespaceMap};
 use super::seam::{Entry, FileId, FileWriter, Kind, Root, Sink, SinkStats};
 use crate::durable;
@@ -55,6 +56,8 @@ pub struct PlainDir {
     tablespaces: HashMap<u32, PathBuf>,
     map: TablespaceMap,
     files: Arc<Files>,
+    /// Every writer holds a pass of it, so that a failed backup can stop them all.
+    gate: Gate,
 }
 
 impl PlainDir {
@@ -67,7 +70,14 @@ impl PlainDir {
             tablespaces,
             map,
             files: Arc::default(),
+            gate: Gate::default(),
         }
+    }
+
+    /// Has every writer hold a pass of `gate` (the session's, which closes it on failure).
+    pub fn with_gate(mut self, gate: Gate) -> Self {
+        self.gate = gate;
+        self
     }
 
     /// Gives the files written besides the data (labels, manifest) this mode (the
@@ -176,6 +186,7 @@ impl Sink for PlainDir {
 
     fn writer(&self) -> Box<dyn FileWriter> {
         Box::new(DirWriter {
+            pass: self.gate.pass(),
             files: self.files.clone(),
             cur: None,
             buf: Vec::new(),
@@ -235,6 +246,8 @@ struct Run {
 }
 
 struct DirWriter {
+    /// Checked before every file is opened and every write.
+    pass: Pass,
     files: Arc<Files>,
     cur: Option<Run>,
     /// Gathered bytes, to be written at `cur.pos - buf.len()`.
@@ -264,6 +277,7 @@ impl FileWriter for DirWriter {
         // An abandoned run's gathered bytes are dropped: its range is fetched again whole.
         self.buf.clear();
         self.cur = None;
+        self.pass.check()?;
         let (path, mode) = self.files.get(file)?;
         let f = OpenOptions::new()
             .write(true)
@@ -282,6 +296,7 @@ impl FileWriter for DirWriter {
     }
 
     fn write(&mut self, data: &[u8]) -> Result<()> {
+        self.pass.check()?;
         let n = data.len() as u64;
         if self.buf.is_empty() && data.len() >= GATHER {
             let run = self.cur.as_mut().ok_or_else(|| {

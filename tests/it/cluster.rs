@@ -245,6 +245,11 @@ pub struct Cluster {
 impl Cluster {
     /// initdb, configure, and start a cluster of this build.
     pub fn new(pg: Pg) -> Cluster {
+        Cluster::with_initdb_args(pg, &[])
+    }
+
+    /// As [`Cluster::new`], with more initdb arguments (`--wal-segsize=1`, say).
+    pub fn with_initdb_args(pg: Pg, extra: &[&str]) -> Cluster {
         let bindir = pg.bindir();
         let dir = scratch_dir();
         let root = dir.path().to_path_buf();
@@ -262,6 +267,7 @@ impl Cluster {
                 .arg(&data)
                 .args(["--data-checksums", "-A", "trust", "-U", "postgres"])
                 .args(["-E", "UTF8", "--locale=C", "--no-sync"])
+                .args(extra)
                 .env("LC_ALL", "C"),
         );
 

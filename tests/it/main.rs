@@ -15,6 +15,7 @@ mod auth;
 mod backup_stream;
 mod cli;
 mod client_side;
+mod faults;
 mod fixture;
 mod libpq;
 mod messages;
