@@ -193,6 +193,8 @@ impl Source for ParallelSource {
                 retry_delay: RETRY_DELAY,
                 progress: progress.clone(),
                 throttle: s.opts.max_rate.map(Throttle::new),
+                stall_timeout: s.opts.stall_timeout,
+                server: leader.target().to_string(),
             },
         );
         let verify = s.opts.verify_checksums;
@@ -229,10 +231,24 @@ impl Source for ParallelSource {
         collect(&files, &pool, sink, &digests, progress.done())
     }
 
-    async fn stop(&mut self, _s: &Session<'_>, leader: &mut Connection) -> Result<(Lsn, u32)> {
+    async fn stop(&mut self, s: &Session<'_>, leader: &mut Connection) -> Result<(Lsn, u32)> {
         let label = self.info()?.backup_label.clone();
-        stop_backup(leader, &label).await
+        // STOP_BACKUP does not wait for the archive: a live server answers at once.
+        let limit = s.opts.stall_timeout;
+        let target = leader.target().to_string();
+        tokio::time::timeout(limit, stop_backup(leader, &label))
+            .await
+            .map_err(|_| stalled_leader(&target, limit, "STOP_BACKUP"))?
     }
+}
+
+/// The leader's server answered nothing to `what` for the stall timeout.
+pub(crate) fn stalled_leader(target: &str, limit: Duration, what: &str) -> Error {
+    Error::Failed(format!(
+        "leader: the server {target} answered nothing to {what} for {} s: its walsender or the network is stalled (--stall-timeout {})",
+        limit.as_secs(),
+        limit.as_secs()
+    ))
 }
 
 /// What the pool's outcomes mean for the manifest: vanished files leave the backup, the

@@ -7,14 +7,17 @@
 //! through the sink (wrapped in the manifest tee). Work units are pulled from a shared queue
 //! when a worker is free. A worker whose connection breaks re-queues the ranges it had not
 //! finished and carries on over a fresh connection, at most [`PoolConfig::retries`] times; a
-//! range is always fetched whole again, never patched up. What happened to each file
+//! range is always fetched whole again, never patched up. A connection that delivers nothing
+//! for [`PoolConfig::stall_timeout`] while the pool waits on it (not while pgpar itself waits
+//! on its disk or its rate limit) counts as broken, so a stalled server or link costs that
+//! long and a refetch, never a hang. What happened to each file
 //! (vanished, resized, damaged pages) is recorded for the caller, who decides what it means.
 //! Errors name the worker and the range it was fetching.
 
 use std::collections::VecDeque;
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use bytes::Bytes;
 use tokio::sync::mpsc;
@@ -66,6 +69,63 @@ pub struct PoolConfig {
     pub progress: Progress,
     /// A rate limit over all connections.
     pub throttle: Option<Throttle>,
+    /// A connection that delivers nothing for this long is taken for broken (its ranges are
+    /// fetched again on a fresh one).
+    pub stall_timeout: Duration,
+    /// The server, as errors name it (`host:port`).
+    pub server: String,
+}
+
+/// When a fetch last heard from its server, and whether pgpar is busy on its own side (a full
+/// writer queue, the rate limit): the stall detector does not count that time.
+struct Activity {
+    epoch: Instant,
+    last_ms: AtomicU64,
+    local: AtomicUsize,
+}
+
+impl Activity {
+    fn new() -> Activity {
+        Activity {
+            epoch: Instant::now(),
+            last_ms: AtomicU64::new(0),
+            local: AtomicUsize::new(0),
+        }
+    }
+
+    fn touch(&self) {
+        self.last_ms
+            .store(self.epoch.elapsed().as_millis() as u64, Ordering::Relaxed);
+    }
+
+    /// Something arrived; pgpar works on it until the guard is dropped.
+    fn busy(&self) -> Busy<'_> {
+        self.touch();
+        self.local.fetch_add(1, Ordering::Relaxed);
+        Busy(self)
+    }
+
+    /// Resolves once the server has sent nothing for `limit` while pgpar waited on it.
+    async fn stalled(&self, limit: Duration) {
+        loop {
+            let now = self.epoch.elapsed();
+            let last = Duration::from_millis(self.last_ms.load(Ordering::Relaxed));
+            let idle = now.saturating_sub(last);
+            if self.local.load(Ordering::Relaxed) == 0 && idle >= limit {
+                return;
+            }
+            tokio::time::sleep(limit.saturating_sub(idle).max(Duration::from_millis(50))).await;
+        }
+    }
+}
+
+struct Busy<'a>(&'a Activity);
+
+impl Drop for Busy<'_> {
+    fn drop(&mut self) {
+        self.0.touch();
+        self.0.local.fetch_sub(1, Ordering::Relaxed);
+    }
 }
 
 /// Makes one writer per worker (the sink's, wrapped in the manifest tee).
@@ -252,14 +312,27 @@ impl Pool {
                 whole: r.offset == 0 && r.length == self.files[r.file].size,
             })
             .collect();
+        let activity = Activity::new();
         let mut out = Delivery {
             pool: self,
             ranges: &unit.ranges,
             writer,
             done: 0,
             cur: None,
+            activity: &activity,
         };
-        let res = fetcher.fetch(&reqs, &mut out).await;
+        let limit = self.cfg.stall_timeout;
+        let res = tokio::select! {
+            r = fetcher.fetch(&reqs, &mut out) => r,
+            () = activity.stalled(limit) => Err(Error::ConnectionLost {
+                target: self.cfg.server.clone(),
+                reason: format!(
+                    "nothing arrived for {} s: taken for stalled (--stall-timeout {})",
+                    limit.as_secs(),
+                    limit.as_secs()
+                ),
+            }),
+        };
         let done = out.done;
         let res = res.and_then(|()| {
             if done != unit.ranges.len() {
@@ -302,6 +375,7 @@ pub struct Delivery<'a> {
     writer: &'a Writer,
     done: usize,
     cur: Option<InRange>,
+    activity: &'a Activity,
 }
 
 impl Delivery<'_> {
@@ -337,6 +411,8 @@ impl Delivery<'_> {
     /// Range `index` starts; `length` bytes follow. Only a whole-file range may differ from
     /// what was asked (the file's real length); a part of a file must be exactly as asked.
     pub async fn begin(&mut self, index: usize, length: u64) -> Result<()> {
+        let activity = self.activity;
+        let _busy = activity.busy();
         let r = *self.expect_next(index)?;
         let listed = self.pool.files[r.file].size;
         if length != r.length {
@@ -371,6 +447,8 @@ impl Delivery<'_> {
 
     /// Range `index`'s file no longer exists on the server.
     pub async fn vanished(&mut self, index: usize) -> Result<()> {
+        let activity = self.activity;
+        let _busy = activity.busy();
         let r = *self.expect_next(index)?;
         self.pool.outcomes.lock().expect("outcomes lock")[r.file].vanished = true;
         self.done += 1;
@@ -379,6 +457,8 @@ impl Delivery<'_> {
 
     /// The next bytes of the current range.
     pub async fn data(&mut self, d: Bytes) -> Result<()> {
+        let activity = self.activity;
+        let _busy = activity.busy();
         let n = d.len() as u64;
         let c = self
             .cur
@@ -402,6 +482,8 @@ impl Delivery<'_> {
 
     /// The current range ended; `damaged` lists the pages that failed verification.
     pub async fn end(&mut self, damaged: Damaged) -> Result<()> {
+        let activity = self.activity;
+        let _busy = activity.busy();
         let c = self
             .cur
             .take()
@@ -507,6 +589,8 @@ mod tests {
         Resize(u64),
         /// A part of the file announced one byte short.
         Announce(u64),
+        /// The server falls silent after this many bytes of the range.
+        StallAfter(u64),
     }
 
     struct FakeServer {
@@ -565,6 +649,7 @@ mod tests {
                 let mut bytes = &all[r.offset as usize..(r.offset + r.length) as usize];
                 let mut announce = r.length;
                 let mut cut = None;
+                let mut stall = None;
                 match self.0.fault(r.path) {
                     None => {}
                     Some(Fault::Vanish) => {
@@ -582,12 +667,16 @@ mod tests {
                         announce = n;
                     }
                     Some(Fault::Announce(n)) => announce = n,
+                    Some(Fault::StallAfter(n)) => stall = Some(n as usize),
                 }
                 out.begin(i, announce).await?;
                 let mut sent = 0;
                 for c in bytes.chunks(1000) {
                     if cut.is_some_and(|n| sent + c.len() > n) {
                         return Err(reset());
+                    }
+                    if stall.is_some_and(|n| sent + c.len() > n) {
+                        std::future::pending::<()>().await;
                     }
                     out.data(Bytes::copy_from_slice(c)).await?;
                     sent += c.len();
@@ -718,6 +807,8 @@ mod tests {
                 retry_delay: Duration::ZERO,
                 progress: Progress::new(None, 0, Arc::new(Quiet)),
                 throttle: None,
+                stall_timeout: Duration::from_millis(300),
+                server: "fake:5432".into(),
             },
         );
         Setup {
@@ -785,6 +876,30 @@ mod tests {
         run(&s).unwrap();
         assert_complete(&s);
         assert_eq!(s.server.connects.load(Ordering::Relaxed), 2);
+    }
+
+    #[test]
+    fn a_stalled_connection_is_abandoned_and_its_ranges_fetched_again() {
+        let s = setup(1, &[("base/1/b", Fault::StallAfter(700))], false);
+        let began = Instant::now();
+        run(&s).unwrap();
+        assert_complete(&s);
+        assert_eq!(s.server.connects.load(Ordering::Relaxed), 2);
+        assert!(
+            began.elapsed() >= Duration::from_millis(300),
+            "abandoned only after the stall timeout"
+        );
+    }
+
+    #[test]
+    fn a_worker_that_stalls_every_time_gives_up_naming_the_setting() {
+        let s = setup(1, &[("base/1/big", Fault::StallAfter(0)); 4], false);
+        let e = run(&s).unwrap_err().to_string();
+        assert!(
+            e.starts_with("worker 1: fetching \"base/1/big\" bytes 0..4096: connection to fake:5432 lost: nothing arrived for 0 s")
+                && e.contains("--stall-timeout"),
+            "{e}"
+        );
     }
 
     #[test]

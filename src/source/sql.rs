@@ -391,6 +391,13 @@ impl Source for SqlSource {
                 retry_delay: RETRY_DELAY,
                 progress: progress.clone(),
                 throttle: s.opts.max_rate.map(Throttle::new),
+                stall_timeout: s.opts.stall_timeout,
+                server: s
+                    .cfg
+                    .targets
+                    .first()
+                    .map(|t| t.to_string())
+                    .unwrap_or_default(),
             },
         );
         let connector = Arc::new(SqlConnector {
@@ -1184,6 +1191,8 @@ mod fake_server_tests {
                 retry_delay: Duration::ZERO,
                 progress: Progress::new(None, 0, Arc::new(Quiet)),
                 throttle: None,
+                stall_timeout: Duration::from_secs(300),
+                server: "fake:5432".into(),
             },
         );
         let segments = list.iter().map(|f| (f.path.clone(), 0)).collect();

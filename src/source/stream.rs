@@ -88,9 +88,22 @@ impl Source for StreamSource {
         let progress = s.progress(self.total);
         let ticker = progress.spawn_ticker();
         progress.worker_active(true);
+        let limit = s.opts.stall_timeout;
+        let target = leader.target().to_string();
         let copy = async {
             loop {
-                match leader.next_event().await? {
+                // The server sends the archive continuously (a rate limit sleeps between
+                // 32 kB pieces, far below any stall timeout): silence means a stall.
+                let ev = tokio::time::timeout(limit, leader.next_event())
+                    .await
+                    .map_err(|_| {
+                        Error::Failed(format!(
+                            "the server {target} sent nothing for {} s: its walsender or the network is stalled (--stall-timeout {})",
+                            limit.as_secs(),
+                            limit.as_secs()
+                        ))
+                    })?;
+                match ev? {
                     Some(Event::CopyData(d)) => {
                         let m = basebackup::parse(d)?;
                         match &m {
@@ -137,8 +150,15 @@ impl Source for StreamSource {
         })
     }
 
-    async fn stop(&mut self, _s: &Session<'_>, leader: &mut Connection) -> Result<(Lsn, u32)> {
-        let stop = base_backup_end(leader).await?;
+    async fn stop(&mut self, s: &Session<'_>, leader: &mut Connection) -> Result<(Lsn, u32)> {
+        // BASE_BACKUP runs with WAIT false: the end comes right after the archive.
+        let limit = s.opts.stall_timeout;
+        let target = leader.target().to_string();
+        let stop = tokio::time::timeout(limit, base_backup_end(leader))
+            .await
+            .map_err(|_| {
+                crate::source::parallel::stalled_leader(&target, limit, "the end of BASE_BACKUP")
+            })??;
         Ok((stop, self.timeline))
     }
 }

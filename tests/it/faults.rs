@@ -137,3 +137,135 @@ fn server_wide_session_timeouts_do_not_end_the_backup() {
         }
     }
 }
+
+/// Sends `signal` to a server process (as the servers' OS user when we are root).
+fn signal(pid: &str, signal: &str) {
+    let status = Command::new("kill")
+        .args([&format!("-{signal}"), pid])
+        .status()
+        .expect("run kill");
+    assert!(status.success(), "kill -{signal} {pid} failed");
+}
+
+/// Runs `pgpar backup` while, once the copy has begun and a walsender runs a command like
+/// `stop_like` (and, when given, one like `once_like` runs too), that walsender is stopped with SIGSTOP; it gets
+/// SIGCONT when pgpar has ended (or after 240 s whatever happens, so that the server can
+/// always be stopped). Returns what pgpar did and whether a process was stopped.
+fn backup_with_a_stopped_walsender(
+    c: &Cluster,
+    target: &Path,
+    args: &[&str],
+    stop_like: &str,
+    once_like: Option<&str>,
+) -> (Out, bool) {
+    let done = std::sync::atomic::AtomicBool::new(false);
+    std::thread::scope(|sc| {
+        let stopper = sc.spawn(|| {
+            let began = std::time::Instant::now();
+            let limit = std::time::Duration::from_secs(240);
+            let pid = loop {
+                if done.load(std::sync::atomic::Ordering::SeqCst) || began.elapsed() > limit {
+                    return false;
+                }
+                // Mid-copy: the backup's start waits on the server's checkpoint, which no
+                // stall timeout bounds (a spread checkpoint takes minutes without a byte).
+                let copying = target.join("base").exists();
+                let ready = copying
+                    && once_like.is_none_or(|q| {
+                        c.psql(&format!(
+                            "SELECT count(*) FROM pg_stat_activity \
+                         WHERE backend_type = 'walsender' AND query LIKE '{q}';"
+                        ))
+                        .trim()
+                            != "0"
+                    });
+                let pid = c.psql(&format!(
+                    "SELECT pid FROM pg_stat_activity \
+                     WHERE backend_type = 'walsender' AND query LIKE '{stop_like}' LIMIT 1;"
+                ));
+                if ready && !pid.trim().is_empty() {
+                    break pid.trim().to_string();
+                }
+                std::thread::sleep(std::time::Duration::from_millis(20));
+            };
+            signal(&pid, "STOP");
+            while !done.load(std::sync::atomic::Ordering::SeqCst) && began.elapsed() < limit {
+                std::thread::sleep(std::time::Duration::from_millis(50));
+            }
+            signal(&pid, "CONT");
+            true
+        });
+        let out = backup(c, target, args);
+        done.store(true, std::sync::atomic::Ordering::SeqCst);
+        (out, stopper.join().unwrap())
+    })
+}
+
+/// A walsender stopped with SIGSTOP mid-copy, each connection in turn: a worker's ranges
+/// are fetched again and the backup completes; the stream method's connection, the leader
+/// and the WAL stream end the backup with one message naming the connection and the
+/// setting, and nothing is left.
+#[test]
+fn a_stalled_walsender_never_hangs_the_backup() {
+    let c = Cluster::new(Pg::V17);
+    c.pgbench_init(2);
+    // Rate-limited so that the copy takes several seconds: time to stop a process mid-way.
+    let slow = ["-r", "4M", "--stall-timeout", "5"];
+
+    // A worker: abandoned after 5 s, its ranges fetched again on a fresh connection.
+    let dir = scratch_dir();
+    let target = dir.path().join("backup");
+    let args = [&["--method", "parallel", "-j", "2"][..], &slow[..]].concat();
+    let (out, stopped) =
+        backup_with_a_stopped_walsender(&c, &target, &args, "SEND_FILES_CONTENT%", None);
+    assert!(stopped, "no worker was seen:\n{out}");
+    out.assert_success();
+    assert!(
+        out.stderr.contains("taken for stalled (--stall-timeout 5)")
+            && out.stderr.contains("again on a new connection"),
+        "no word of the stalled worker:\n{out}"
+    );
+    assert!(out.seconds < 120.0, "took {} s:\n{out}", out.seconds);
+    verifies_and_restores(&c, &target);
+
+    // The stream method's one connection, the parallel leader (stopped while the workers
+    // copy: it stalls when pg_control is fetched at the end) and the WAL stream.
+    for (method, stop_like, once_like, says) in [
+        (
+            "stream",
+            "BASE_BACKUP%",
+            None,
+            "backup stream failed: the server",
+        ),
+        (
+            "parallel",
+            "SEND_FILE_LIST%",
+            Some("SEND_FILES_CONTENT%"),
+            "leader: fetching \"global/pg_control\"",
+        ),
+        (
+            "parallel",
+            "START_REPLICATION%",
+            Some("SEND_FILES_CONTENT%"),
+            "WAL stream: the server",
+        ),
+    ] {
+        let dir = scratch_dir();
+        let target = dir.path().join("backup");
+        let args = [&["--method", method][..], &slow[..]].concat();
+        let (out, stopped) =
+            backup_with_a_stopped_walsender(&c, &target, &args, stop_like, once_like);
+        assert!(stopped, "{stop_like}: nothing was stopped:\n{out}");
+        out.assert_error(1);
+        let error = out.error_message();
+        assert!(
+            error.starts_with(says) && error.contains("--stall-timeout 5"),
+            "{stop_like}: {error}"
+        );
+        assert!(
+            !target.exists(),
+            "{stop_like}: {} was left",
+            target.display()
+        );
+    }
+}
