@@ -19,6 +19,7 @@ pub mod manifest;
 pub mod options;
 pub mod pagecheck;
 pub mod plan;
+pub(crate) mod preflight;
 pub mod privileges;
 pub mod progress;
 pub mod protocol;

@@ -130,6 +130,8 @@ pub(crate) struct Session<'a> {
     pub seg_size: u64,
     /// The data directory's mode on the server (0700, or 0750 with group access).
     pub cluster_mode: u32,
+    /// Worker connections (`-j`, or as many as the free walsenders allow; 1 for stream).
+    pub jobs: usize,
 }
 
 impl Session<'_> {
@@ -413,17 +415,11 @@ async fn backup(
     );
     let (method, method_choice) = choose_method(cfg, opts, &mut leader, reporter.as_ref()).await?;
     let seg_size = replication::wal_segment_size(&mut leader).await?;
-    let wal_level = replication::show(&mut leader, "wal_level")
-        .await?
-        .unwrap_or_default();
-    if wal_level == "minimal" {
-        return Err(Error::Failed(
-            "wal_level is \"minimal\" on the server: set wal_level = replica (or logical) and restart it".into(),
-        ));
-    }
-    if method == Method::Parallel {
-        check_wal_senders(opts, &mut leader).await?;
-    }
+    // Everything that can be found wrong before any work, in one report; settles the method
+    // and the workers.
+    let flight =
+        crate::preflight::run(cfg, opts, &mut leader, method, seg_size, reporter.as_ref()).await?;
+    let method = flight.method;
     let cluster_mode = replication::show(&mut leader, "data_directory_mode")
         .await?
         .and_then(|m| u32::from_str_radix(m.trim(), 8).ok())
@@ -436,6 +432,7 @@ async fn backup(
         version,
         seg_size,
         cluster_mode,
+        jobs: flight.jobs,
     };
     let wal = WalSlot::prepare(&s, cleanup).await?.start(&s, cleanup)?;
     let mut summary = match method {
@@ -535,24 +532,6 @@ async fn sql_method_privileges(cfg: &ConnConfig) -> Result<crate::privileges::Pr
     let p = crate::privileges::Privileges::of(&mut sess).await;
     sess.close().await;
     p
-}
-
-async fn check_wal_senders(opts: &BackupOptions, leader: &mut Connection) -> Result<()> {
-    let max: usize = replication::show(leader, "max_wal_senders")
-        .await?
-        .and_then(|v| v.parse().ok())
-        .unwrap_or(0);
-    let need = opts.jobs + 2;
-    if max < need {
-        return Err(Error::Failed(format!(
-            "max_wal_senders is {max} on server {}, but --jobs {} needs {need} (the workers, the leader and the WAL stream): \
-             raise max_wal_senders to at least {need} (needs a restart), or use --jobs {}",
-            leader.target(),
-            opts.jobs,
-            max.saturating_sub(2).max(1)
-        )));
-    }
-    Ok(())
 }
 
 /// The frame: start, copy beside the WAL stream, stop, the damaged-pages policy, the labels,
@@ -674,7 +653,7 @@ async fn frame<S: Source>(
         timeline: stop_tli,
         wal_segments: walres.segments.len(),
         jobs: if matches!(S::METHOD, Method::Parallel | Method::Sql) {
-            s.opts.jobs
+            s.jobs
         } else {
             1
         },

@@ -127,7 +127,7 @@ impl Source for ParallelSource {
     async fn start(&mut self, s: &Session<'_>, leader: &mut Connection) -> Result<Started> {
         s.step(&format!(
             "starting parallel backup with {} workers (checkpoint {}) on {}",
-            s.opts.jobs,
+            s.jobs,
             s.opts.checkpoint.name(),
             leader.target()
         ));
@@ -188,7 +188,7 @@ impl Source for ParallelSource {
             p.units,
             Box::new(move || dg.tee(sk.writer())),
             PoolConfig {
-                jobs: s.opts.jobs,
+                jobs: s.jobs,
                 retries: RETRIES,
                 retry_delay: RETRY_DELAY,
                 progress: progress.clone(),

@@ -139,6 +139,8 @@ pub struct Pool {
     writers: WriterFactory,
     cfg: PoolConfig,
     stop: AtomicBool,
+    /// Workers still taking units (a worker that cannot get a walsender leaves).
+    working: AtomicUsize,
 }
 
 impl Pool {
@@ -154,6 +156,7 @@ impl Pool {
             files,
             queue: Mutex::new(units),
             writers,
+            working: AtomicUsize::new(0),
             cfg,
             stop: AtomicBool::new(false),
         })
@@ -161,17 +164,33 @@ impl Pool {
 
     /// Runs `cfg.jobs` workers until the queue is empty or one fails for good.
     pub async fn run<C: Connector>(self: &Arc<Self>, connector: Arc<C>) -> Result<()> {
-        let mut set = JoinSet::new();
-        for id in 1..=self.cfg.jobs {
-            let (pool, conn) = (self.clone(), connector.clone());
-            set.spawn(async move { pool.worker(id, conn.as_ref()).await });
-        }
-        while let Some(r) = set.join_next().await {
-            let r = r.map_err(|e| Error::Failed(format!("worker task failed: {e}")))?;
-            if let Err(e) = r {
-                set.abort_all();
-                return Err(e);
+        let mut jobs = self.cfg.jobs;
+        let mut next_id = 1;
+        // A worker that left (no walsender free) may have put a unit back after the others
+        // had found the queue empty: one more worker takes what is left (a few rounds).
+        for _round in 0..3 {
+            self.working.store(jobs, Ordering::SeqCst);
+            let mut set = JoinSet::new();
+            for id in next_id..next_id + jobs {
+                let (pool, conn) = (self.clone(), connector.clone());
+                set.spawn(async move {
+                    let r = pool.worker(id, conn.as_ref()).await;
+                    pool.working.fetch_sub(1, Ordering::SeqCst);
+                    r
+                });
             }
+            next_id += jobs;
+            while let Some(r) = set.join_next().await {
+                let r = r.map_err(|e| Error::Failed(format!("worker task failed: {e}")))?;
+                if let Err(e) = r {
+                    set.abort_all();
+                    return Err(e);
+                }
+            }
+            if self.queue.lock().expect("queue lock").is_empty() {
+                break;
+            }
+            jobs = 1;
         }
         let left = self.queue.lock().expect("queue lock").len();
         if left > 0 {
@@ -193,6 +212,12 @@ impl Pool {
             (Err((e, done)), Ok(())) => Err(e.context(self.describe(unit, done))),
             (Ok(()), Ok(())) => Ok(()),
         }
+    }
+
+    /// Whether this worker may stop taking units: not when it is the last one at work (its
+    /// count is taken off when it returns).
+    fn leave(&self) -> bool {
+        self.working.load(Ordering::SeqCst) > 1
     }
 
     /// What happened to each file, by listing index.
@@ -243,6 +268,16 @@ impl Pool {
                     Ok(c) => conn.insert(c),
                     Err(e) => {
                         self.queue.lock().expect("queue lock").push_front(unit);
+                        // Every walsender taken (by another client, or by a stalled
+                        // connection of ours the server has not noticed yet): while another
+                        // worker goes on, this one leaves and the others share its work.
+                        let full = e.sqlstate() == Some(sqlstate::TOO_MANY_CONNECTIONS);
+                        if full && self.leave() {
+                            tracing::warn!(
+                                "worker {id}: {e}; the other workers take over its work"
+                            );
+                            return Ok(());
+                        }
                         self.stop.store(true, Ordering::Relaxed);
                         return Err(e.context(format!("worker {id}")));
                     }
@@ -599,6 +634,8 @@ mod tests {
         faults: Mutex<HashMap<String, VecDeque<Fault>>>,
         connects: AtomicUsize,
         refuse_connect: bool,
+        /// Connections refused with 53300 (every walsender taken), by their number (1-based).
+        full_at: Vec<usize>,
     }
 
     impl FakeServer {
@@ -621,7 +658,15 @@ mod tests {
     impl Connector for FakeConnector {
         type Fetcher = FakeFetcher;
         async fn connect(&self) -> Result<FakeFetcher> {
-            self.0.connects.fetch_add(1, Ordering::Relaxed);
+            let n = self.0.connects.fetch_add(1, Ordering::Relaxed) + 1;
+            if self.0.full_at.contains(&n) {
+                return Err(Error::Connect {
+                    target: "fake:5432".into(),
+                    reason: "number of requested standby connections exceeds max_wal_senders (currently 4)".into(),
+                    sqlstate: Some(sqlstate::TOO_MANY_CONNECTIONS.into()),
+                    hint: None,
+                });
+            }
             if self.0.refuse_connect {
                 return Err(Error::Connect {
                     target: "fake:5432".into(),
@@ -751,6 +796,7 @@ mod tests {
             faults: Mutex::new(fq),
             connects: AtomicUsize::new(0),
             refuse_connect,
+            full_at: Vec::new(),
         });
         let dir = tempfile::tempdir().unwrap();
         let sink = Arc::new(PlainDir::new(
@@ -919,6 +965,23 @@ mod tests {
             s.server.connects.load(Ordering::Relaxed),
             4,
             "one try and three retries"
+        );
+    }
+
+    #[test]
+    fn a_worker_without_a_walsender_leaves_its_work_to_the_others() {
+        // Three workers; the first connection attempt finds every walsender taken.
+        let mut s = setup(3, &[], false);
+        Arc::get_mut(&mut s.server).unwrap().full_at = vec![1];
+        run(&s).unwrap();
+        assert_complete(&s);
+        // The last worker never leaves: with every walsender taken it is an error.
+        let mut s = setup(1, &[], false);
+        Arc::get_mut(&mut s.server).unwrap().full_at = vec![1];
+        let e = run(&s).unwrap_err();
+        assert!(
+            e.to_string().starts_with("worker 1: could not connect"),
+            "{e}"
         );
     }
 

@@ -238,6 +238,8 @@ pub struct Cluster {
     /// documented; without it, `ssl_user` has no pg_hba row).
     pub tls: bool,
     running: bool,
+    /// Settings written after the fixture's own at every start (see `restart_with`).
+    extra_conf: String,
     // Dropped after `Drop::drop` has stopped the server.
     _dir: TempDir,
 }
@@ -289,6 +291,7 @@ impl Cluster {
             ca_cert,
             tls,
             running: false,
+            extra_conf: String::new(),
             _dir: dir,
         };
         cluster.start_on_free_port("initdb'd cluster");
@@ -341,6 +344,7 @@ impl Cluster {
             ca_cert: self.ca_cert.clone(),
             tls: self.tls,
             running: false,
+            extra_conf: self.extra_conf.clone(),
             _dir: dir,
         };
         copy.try_start_on_free_port()?;
@@ -367,6 +371,7 @@ impl Cluster {
             let mut conf =
                 fs::read_to_string(self.data.join("postgresql.auto.conf")).unwrap_or_default();
             conf.push_str(&server_conf(self.port, &self.sockdir, self.tls));
+            conf.push_str(&self.extra_conf);
             fs::write(self.data.join("postgresql.auto.conf"), conf).unwrap();
             let said = match self.pg_ctl_start() {
                 Ok(()) => {
@@ -383,6 +388,14 @@ impl Cluster {
             }
         }
         Err(last_log)
+    }
+
+    /// Restarts the server with `conf` (settings that need a restart) after the fixture's own
+    /// settings, on a new free port.
+    pub fn restart_with(&mut self, conf: &str) {
+        self.pg_ctl_stop("fast");
+        self.extra_conf = conf.to_string();
+        self.start_on_free_port("restarted cluster");
     }
 
     /// `pg_ctl start`; `Err` holds what pg_ctl itself printed (it may refuse before any log).

@@ -269,3 +269,154 @@ fn a_stalled_walsender_never_hangs_the_backup() {
         );
     }
 }
+
+/// How often the server log shows a replication command starting a backup.
+fn backups_started(c: &Cluster) -> usize {
+    let log = c.server_log();
+    log.matches("replication command: START_BACKUP").count()
+        + log.matches("replication command: BASE_BACKUP").count()
+}
+
+/// Nothing on the server: no slot, no backup started since `before`.
+fn nothing_started(c: &Cluster, before: usize, what: &str) {
+    assert_eq!(
+        c.psql("SELECT count(*) FROM pg_replication_slots;").trim(),
+        "0",
+        "{what}: a slot was left"
+    );
+    assert_eq!(backups_started(c), before, "{what}: a backup was started");
+}
+
+#[test]
+fn workers_fit_the_free_walsenders_and_a_jobs_that_cannot_be_served_is_refused_first() {
+    let mut c = Cluster::new(Pg::V17);
+    c.pgbench_init(1);
+    c.restart_with("max_wal_senders = 4\n");
+    assert_eq!(c.psql("SHOW max_wal_senders;").trim(), "4");
+    let dir = scratch_dir();
+
+    // No -j: the leader and the WAL stream take two of the four, two workers fit.
+    let target = dir.path().join("auto");
+    let out = backup(&c, &target, &["--method", "parallel", "--json"]);
+    out.assert_success();
+    assert_eq!(out.json()["jobs"], 2, "{out}");
+    assert!(
+        out.stderr
+            .contains("pgpar: notice: using 2 worker connection(s): 3 of max_wal_senders = 4 free"),
+        "{out}"
+    );
+    verifies_and_restores(&c, &target);
+
+    // -j 8 cannot be served: refused before any work, with the number needed.
+    let before = backups_started(&c);
+    let target = dir.path().join("j8");
+    let out = backup(&c, &target, &["--method", "parallel", "-j", "8"]);
+    out.assert_error(1);
+    let error = out.error_message();
+    assert!(
+        error.contains("--jobs 8 needs 10 walsenders")
+            && error.contains("use --jobs 2 or fewer")
+            && error.contains("nothing was started"),
+        "{error}"
+    );
+    nothing_started(&c, before, "-j 8");
+    assert!(!target.exists(), "{} was left", target.display());
+}
+
+/// A tmpfs of `mb` MB at `dir`, unmounted when dropped.
+struct Tmpfs(std::path::PathBuf);
+
+impl Tmpfs {
+    fn mount(dir: &Path, mb: u32) -> Tmpfs {
+        std::fs::create_dir_all(dir).unwrap();
+        let status = Command::new("mount")
+            .args([
+                "-t",
+                "tmpfs",
+                "-o",
+                &format!("size={mb}m,mode=0777"),
+                "tmpfs",
+            ])
+            .arg(dir)
+            .status()
+            .expect("run mount");
+        assert!(
+            status.success(),
+            "mount -t tmpfs on {} failed",
+            dir.display()
+        );
+        Tmpfs(dir.to_path_buf())
+    }
+}
+
+impl Drop for Tmpfs {
+    fn drop(&mut self) {
+        let _ = Command::new("umount").arg(&self.0).status();
+    }
+}
+
+#[test]
+fn a_target_too_small_is_refused_before_the_checkpoint_with_the_sizes() {
+    if !crate::cluster::is_root() {
+        // Mounting a small file system needs root; say so where the output shows.
+        eprintln!("NOT RUN: mounting a tmpfs needs root");
+        return;
+    }
+    let c = Cluster::new(Pg::V17);
+    c.pgbench_init(2);
+    let dir = scratch_dir();
+    let small = Tmpfs::mount(&dir.path().join("small"), 8);
+    for method in ["parallel", "stream"] {
+        let before = backups_started(&c);
+        let target = small.0.join("backup");
+        let out = backup(&c, &target, &["--method", method]);
+        out.assert_error(1);
+        let error = out.error_message();
+        assert!(
+            error.contains("the backup needs about ")
+                && error.contains(&format!("\"{}\", which has ", target.display()))
+                && error.contains("MB free")
+                && error.contains("--no-space-check"),
+            "{method}: {error}"
+        );
+        nothing_started(&c, before, method);
+        assert_eq!(
+            std::fs::read_dir(&small.0).unwrap().count(),
+            0,
+            "{method}: something was left on the target"
+        );
+    }
+    // Every problem in one report: the space, the walsenders, the slot.
+    let before = backups_started(&c);
+    let target = small.0.join("backup");
+    let out = backup(
+        &c,
+        &target,
+        &["--method", "parallel", "-j", "30", "-S", "no_such_slot"],
+    );
+    out.assert_error(1);
+    let error = out.error_message();
+    assert!(
+        error.contains("3 problem(s) found before any work")
+            && error.contains("(1) --jobs 30 needs 32 walsenders")
+            && error.contains("(2) replication slot \"no_such_slot\" does not exist")
+            && error.contains("(3) the backup needs about "),
+        "{error}"
+    );
+    nothing_started(&c, before, "three problems");
+
+    // Without the check the copy starts and fails on the full disk, cleanly.
+    let target = small.0.join("backup");
+    let out = backup(&c, &target, &["--method", "parallel", "--no-space-check"]);
+    out.assert_error(1);
+    assert!(
+        out.error_message().contains("No space left on device"),
+        "{}",
+        out.error_message()
+    );
+    assert_eq!(std::fs::read_dir(&small.0).unwrap().count(), 0, "left");
+    assert_eq!(
+        c.psql("SELECT count(*) FROM pg_replication_slots;").trim(),
+        "0"
+    );
+}
