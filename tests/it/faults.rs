@@ -38,11 +38,17 @@ impl Drop for Load {
 }
 
 fn backup(c: &Cluster, target: &Path, args: &[&str]) -> Out {
+    // The sql method reads files with pg_read_binary_file: the superuser has the rights.
+    let role = if args.contains(&"sql") {
+        "postgres"
+    } else {
+        "trust_user"
+    };
     run(pgpar()
         .args(["backup", "-c", "fast", "-D"])
         .arg(target)
         .args(args)
-        .args(["-d", &c.conninfo("trust_user")]))
+        .args(["-d", &c.conninfo(role)]))
 }
 
 /// The backup verifies, starts, and pgbench's tables add up in it.
@@ -77,8 +83,8 @@ fn tight_retention(pg: Pg) -> Cluster {
 #[test]
 fn tight_wal_retention_under_load_every_method_succeeds() {
     for (pg, methods) in [
-        (Pg::V17, &["parallel", "stream"][..]),
-        (Pg::V15, &["stream"][..]),
+        (Pg::V17, &["parallel", "sql", "stream"][..]),
+        (Pg::V15, &["sql", "stream"][..]),
     ] {
         let c = tight_retention(pg);
         // 120 transactions a second, enough for a checkpoint every segment or two:
@@ -114,8 +120,8 @@ fn tight_wal_retention_under_load_every_method_succeeds() {
 #[test]
 fn server_wide_session_timeouts_do_not_end_the_backup() {
     for (pg, methods) in [
-        (Pg::V17, &["parallel", "stream"][..]),
-        (Pg::V15, &["stream"][..]),
+        (Pg::V17, &["parallel", "sql", "stream"][..]),
+        (Pg::V15, &["sql", "stream"][..]),
     ] {
         let c = Cluster::new(pg);
         c.pgbench_init(1);
