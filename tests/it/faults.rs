@@ -426,3 +426,61 @@ fn a_target_too_small_is_refused_before_the_checkpoint_with_the_sizes() {
         "0"
     );
 }
+
+/// A worker whose connection breaks mid-copy while another client takes the walsender it
+/// had: its reconnection is refused (every walsender taken), it leaves with a warning, and
+/// the other worker finishes its work.
+#[test]
+fn a_worker_that_finds_no_walsender_leaves_its_work_to_the_others() {
+    let mut c = Cluster::new(Pg::V17);
+    c.pgbench_init(2);
+    // The leader, two workers and the WAL stream take all four.
+    c.restart_with("max_wal_senders = 4\n");
+    let dir = scratch_dir();
+    let target = dir.path().join("backup");
+    let done = std::sync::atomic::AtomicBool::new(false);
+    let (out, held) = std::thread::scope(|sc| {
+        let breaker = sc.spawn(|| {
+            let began = std::time::Instant::now();
+            let pid = loop {
+                if done.load(std::sync::atomic::Ordering::SeqCst)
+                    || began.elapsed() > std::time::Duration::from_secs(120)
+                {
+                    return None;
+                }
+                let pid = c.psql(
+                    "SELECT pid FROM pg_stat_activity WHERE backend_type = 'walsender' \
+                     AND query LIKE 'SEND_FILES_CONTENT%' LIMIT 1;",
+                );
+                if target.join("base").exists() && !pid.trim().is_empty() {
+                    break pid.trim().to_string();
+                }
+                std::thread::sleep(std::time::Duration::from_millis(20));
+            };
+            c.psql(&format!("SELECT pg_terminate_backend({pid});"));
+            // Another client takes the walsender before the worker reconnects (it waits
+            // 400 ms first).
+            Some(c.hold_session(
+                &format!("{} replication=true", c.socket_conninfo("postgres")),
+                "IDENTIFY_SYSTEM;\n",
+                "SELECT count(*) FROM pg_stat_activity WHERE backend_type = 'walsender' \
+                 AND application_name = 'psql';",
+            ))
+        });
+        let out = backup(
+            &c,
+            &target,
+            &["--method", "parallel", "-j", "2", "-r", "4M", "--json"],
+        );
+        done.store(true, std::sync::atomic::Ordering::SeqCst);
+        (out, breaker.join().unwrap())
+    });
+    assert!(held.is_some(), "no worker was seen:\n{out}");
+    out.assert_success();
+    assert!(
+        out.stderr.contains("the other workers take over its work"),
+        "no word of the worker that left:\n{out}"
+    );
+    drop(held);
+    verifies_and_restores(&c, &target);
+}
