@@ -12,7 +12,7 @@
 //! A backup counts as finished only once `backup_manifest` has been renamed into place after
 //! everything else is durable (see [`crate::durable`]).
 //!
-//! Order on the server: the leader's checks and the pre-flight ([`crate::preflight`]: every
+//! Order on the server: the leader's checks and the pre-flight (`src/preflight.rs`: every
 //! problem at once, nothing started yet); then the WAL stream with its slot, streaming and
 //! confirmed *before* the backup starts (see [`crate::wal`] for why); then the source's start
 //! (the checkpoint), copy and stop. The backup's own sessions set the server's session
