@@ -185,9 +185,14 @@ fn backup_with_a_stopped_walsender(
                         .trim()
                             != "0"
                     });
+                // A pattern starting with "app:" names a session by its application_name
+                // (the sql method's workers), else a walsender by its command.
+                let which = match stop_like.strip_prefix("app:") {
+                    Some(app) => format!("application_name = '{app}'"),
+                    None => format!("backend_type = 'walsender' AND query LIKE '{stop_like}'"),
+                };
                 let pid = c.psql(&format!(
-                    "SELECT pid FROM pg_stat_activity \
-                     WHERE backend_type = 'walsender' AND query LIKE '{stop_like}' LIMIT 1;"
+                    "SELECT pid FROM pg_stat_activity WHERE {which} LIMIT 1;"
                 ));
                 if ready && !pid.trim().is_empty() {
                     break pid.trim().to_string();
@@ -232,6 +237,21 @@ fn a_stalled_walsender_never_hangs_the_backup() {
         "no word of the stalled worker:\n{out}"
     );
     assert!(out.seconds < 120.0, "took {} s:\n{out}", out.seconds);
+    verifies_and_restores(&c, &target);
+
+    // A worker of the sql method (an ordinary session): the same.
+    let dir = scratch_dir();
+    let target = dir.path().join("backup");
+    let args = [&["--method", "sql", "-j", "2"][..], &slow[..]].concat();
+    let (out, stopped) =
+        backup_with_a_stopped_walsender(&c, &target, &args, "app:pgpar sql worker", None);
+    assert!(stopped, "no sql worker was seen:\n{out}");
+    out.assert_success();
+    assert!(
+        out.stderr.contains("taken for stalled (--stall-timeout 5)")
+            && out.stderr.contains("again on a new connection"),
+        "no word of the stalled sql worker:\n{out}"
+    );
     verifies_and_restores(&c, &target);
 
     // The stream method's one connection, the parallel leader (stopped while the workers
