@@ -487,10 +487,16 @@ async fn choose_method(
         (MethodChoice::Parallel, Some(1)) => asked(Method::Parallel),
         (MethodChoice::Auto, Some(1)) => (
             Method::Parallel,
-            format!(
-                "server {target} offers parallel backup; using the parallel method ({} connections)",
-                opts.jobs
-            ),
+            // Without -j the pre-flight settles the number of workers (and says so when
+            // fewer than the default fit).
+            if opts.jobs_given {
+                format!(
+                    "server {target} offers parallel backup; using the parallel method ({} connections)",
+                    opts.jobs
+                )
+            } else {
+                format!("server {target} offers parallel backup; using the parallel method")
+            },
         ),
         (MethodChoice::Parallel, Some(v)) => {
             return Err(Error::Failed(format!(
