@@ -155,14 +155,15 @@ fn signal(pid: &str, signal: &str) {
 
 /// Runs `pgpar backup` while, once the copy has begun and a walsender runs a command like
 /// `stop_like` (and, when given, one like `once_like` runs too), that walsender is stopped with SIGSTOP; it gets
-/// SIGCONT when pgpar has ended (or after 240 s whatever happens, so that the server can
-/// always be stopped). Returns what pgpar did and whether a process was stopped.
+/// SIGCONT when pgpar has ended, after `cont_after` when given, or after 240 s whatever
+/// happens (so that the server can always be stopped). Returns what pgpar did and whether a process was stopped.
 fn backup_with_a_stopped_walsender(
     c: &Cluster,
     target: &Path,
     args: &[&str],
     stop_like: &str,
     once_like: Option<&str>,
+    cont_after: Option<std::time::Duration>,
 ) -> (Out, bool) {
     let done = std::sync::atomic::AtomicBool::new(false);
     std::thread::scope(|sc| {
@@ -200,7 +201,11 @@ fn backup_with_a_stopped_walsender(
                 std::thread::sleep(std::time::Duration::from_millis(20));
             };
             signal(&pid, "STOP");
-            while !done.load(std::sync::atomic::Ordering::SeqCst) && began.elapsed() < limit {
+            let stopped = std::time::Instant::now();
+            while !done.load(std::sync::atomic::Ordering::SeqCst)
+                && began.elapsed() < limit
+                && cont_after.is_none_or(|d| stopped.elapsed() < d)
+            {
                 std::thread::sleep(std::time::Duration::from_millis(50));
             }
             signal(&pid, "CONT");
@@ -227,8 +232,17 @@ fn a_stalled_walsender_never_hangs_the_backup() {
     let dir = scratch_dir();
     let target = dir.path().join("backup");
     let args = [&["--method", "parallel", "-j", "2"][..], &slow[..]].concat();
-    let (out, stopped) =
-        backup_with_a_stopped_walsender(&c, &target, &args, "SEND_FILES_CONTENT%", None);
+    // It gets SIGCONT 2 s after pgpar has abandoned it (a stall that ends, as a dead TCP
+    // connection does in the end): the server's STOP_BACKUP waits until no connection reads
+    // the backup's files, and a frozen walsender is still reading.
+    let (out, stopped) = backup_with_a_stopped_walsender(
+        &c,
+        &target,
+        &args,
+        "SEND_FILES_CONTENT%",
+        None,
+        Some(std::time::Duration::from_secs(7)),
+    );
     assert!(stopped, "no worker was seen:\n{out}");
     out.assert_success();
     assert!(
@@ -244,7 +258,7 @@ fn a_stalled_walsender_never_hangs_the_backup() {
     let target = dir.path().join("backup");
     let args = [&["--method", "sql", "-j", "2"][..], &slow[..]].concat();
     let (out, stopped) =
-        backup_with_a_stopped_walsender(&c, &target, &args, "app:pgpar sql worker", None);
+        backup_with_a_stopped_walsender(&c, &target, &args, "app:pgpar sql worker", None, None);
     assert!(stopped, "no sql worker was seen:\n{out}");
     out.assert_success();
     assert!(
@@ -280,7 +294,7 @@ fn a_stalled_walsender_never_hangs_the_backup() {
         let target = dir.path().join("backup");
         let args = [&["--method", method][..], &slow[..]].concat();
         let (out, stopped) =
-            backup_with_a_stopped_walsender(&c, &target, &args, stop_like, once_like);
+            backup_with_a_stopped_walsender(&c, &target, &args, stop_like, once_like, None);
         assert!(stopped, "{stop_like}: nothing was stopped:\n{out}");
         out.assert_error(1);
         let error = out.error_message();
