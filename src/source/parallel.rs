@@ -9,27 +9,14 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use super::content::{ContentConnector, LeaderFetcher};
-use super::pool::{self, Listed, Pool, PoolConfig, Throttle};
+use super::ranged::Ranged;
 use crate::conn::Connection;
 use crate::error::{Error, Result};
 use crate::lsn::Lsn;
-use crate::manifest::ChecksumKind;
 use crate::options::{Checkpoint, Method};
-use crate::plan::{self, PlanConfig, WorkUnit};
-use crate::replication::parallel::{
-    send_file_list, start_backup, stop_backup, FileEntry, FileKind, StartInfo,
-};
-use crate::session::{
-    Copied, Damage, ManifestFile, ManifestPart, Session, Source, Started, Tablespace,
-};
-use crate::sink::digest::Digests;
+use crate::replication::parallel::{send_file_list, start_backup, stop_backup, StartInfo};
+use crate::session::{Copied, Session, Source, Started, Tablespace};
 use crate::sink::dir::PlainDir;
-use crate::sink::seam::{Entry, Kind, Root, Sink};
-
-/// How often one worker reconnects before it gives up.
-const RETRIES: u32 = 3;
-/// Wait before a worker's first reconnection (doubled for each further one).
-const RETRY_DELAY: Duration = Duration::from_millis(200);
 
 /// The parallel method; holds the running backup between its steps.
 #[derive(Default)]
@@ -37,87 +24,11 @@ pub(crate) struct ParallelSource {
     start: Option<StartInfo>,
 }
 
-/// Where a listed entry goes: tablespace entries (`pg_tblspc/<oid>/…`) under their
-/// tablespace's root, everything else under the data directory.
-fn place(f: &FileEntry) -> Result<(Root, &str)> {
-    match (f.spcoid, f.kind) {
-        (Some(oid), FileKind::Dir | FileKind::File) => {
-            let prefix = format!("pg_tblspc/{oid}/");
-            let rest = f.path.strip_prefix(&prefix).ok_or_else(|| {
-                Error::Protocol(format!(
-                    "\"{}\" is listed in tablespace {oid} but not under {prefix}",
-                    f.path
-                ))
-            })?;
-            Ok((Root::Tablespace(oid), rest))
-        }
-        _ => Ok((Root::Data, &f.path)),
-    }
-}
-
 impl ParallelSource {
     fn info(&self) -> Result<&StartInfo> {
         self.start
             .as_ref()
             .ok_or_else(|| Error::Failed("internal error: the backup has not started".into()))
-    }
-
-    /// Lays down directories and links, registers every file with the sink (creating the
-    /// empty ones), and returns the listing as the pool needs it. Entries get the server's
-    /// permission bits where SEND_FILE_LIST gives them (the sink keeps them within the
-    /// owner's and group's), else the cluster's.
-    pub(super) fn lay_out(
-        s: &Session<'_>,
-        files: &[FileEntry],
-        p: &plan::Plan,
-        sink: &PlainDir,
-    ) -> Result<Vec<Listed>> {
-        let dir_mode = s.cluster_mode;
-        for &i in p.dirs.iter().chain(&p.links) {
-            let f = &files[i];
-            let (root, path) = place(f)?;
-            let kind = if f.kind == FileKind::Dir {
-                Kind::Dir
-            } else {
-                Kind::Symlink
-            };
-            sink.entry(&Entry {
-                root,
-                path,
-                kind,
-                mode: f.mode.unwrap_or(dir_mode),
-                link: f.link_target.as_deref().unwrap_or_default(),
-            })?;
-        }
-        let mut listed = Vec::with_capacity(files.len());
-        for f in files {
-            let id = match f.kind {
-                FileKind::File => {
-                    let (root, path) = place(f)?;
-                    sink.entry(&Entry {
-                        root,
-                        path,
-                        kind: Kind::File,
-                        mode: f.mode.unwrap_or_else(|| s.file_mode()),
-                        link: "",
-                    })?
-                }
-                _ => None,
-            };
-            listed.push(Listed {
-                path: f.path.clone(),
-                size: f.size,
-                id,
-            });
-        }
-        let mut w = sink.writer();
-        for &i in &p.empty {
-            if let Some(id) = listed[i].id {
-                w.begin(id, 0)?;
-                w.end()?;
-            }
-        }
-        Ok(listed)
     }
 }
 
@@ -160,75 +71,23 @@ impl Source for ParallelSource {
     ) -> Result<Copied> {
         let backup_id = self.info()?.backup_id.clone();
         let files = send_file_list(leader, &backup_id).await?;
-        let kind = s.opts.manifest_checksums;
-        // A SHA-2 checksum is computed as the bytes pass, in order: such files come whole.
-        let whole_files =
-            !matches!(kind, ChecksumKind::None | ChecksumKind::Crc32c) || !sink.random_access();
-        let p = plan::plan(
-            &files,
-            PlanConfig {
-                chunk_size: if whole_files {
-                    u64::MAX
-                } else {
-                    s.opts.chunk_size
-                },
-                ..Default::default()
-            },
-        );
-        let control = p.control.ok_or_else(|| {
+        let copy = Ranged::prepare(s, &files, sink, leader.target().to_string(), || {
             Error::Protocol("SEND_FILE_LIST did not list global/pg_control".into())
         })?;
-        let listed = Self::lay_out(s, &files, &p, sink)?;
-        let progress = s.progress(p.total_bytes);
-        let ticker = progress.spawn_ticker();
-        let digests = Digests::new(kind);
-        let (sk, dg) = (sink.clone(), digests.clone());
-        let pool = Pool::new(
-            listed,
-            p.units,
-            Box::new(move || dg.tee(sk.writer())),
-            PoolConfig {
-                jobs: s.jobs,
-                retries: RETRIES,
-                retry_delay: RETRY_DELAY,
-                progress: progress.clone(),
-                throttle: s.opts.max_rate.map(Throttle::new),
-                stall_timeout: s.opts.stall_timeout,
-                server: leader.target().to_string(),
-            },
-        );
         let verify = s.opts.verify_checksums;
-        let res = pool
+        let mut res = copy
             .run(Arc::new(ContentConnector {
                 cfg: s.cfg.clone(),
                 backup_id: backup_id.clone(),
                 verify,
             }))
             .await;
-        let res = match res {
-            // pg_control after every other file, on the leader.
-            Ok(()) => {
-                let unit = WorkUnit {
-                    ranges: vec![plan::Range {
-                        file: control,
-                        offset: 0,
-                        length: files[control].size,
-                    }],
-                    bytes: files[control].size,
-                };
-                let mut f = LeaderFetcher::new(leader, &backup_id, verify);
-                pool.fetch_one(&mut f, &unit)
-                    .await
-                    .map_err(|e| e.context("leader"))
-            }
-            Err(e) => Err(e),
-        };
-        if let Some(t) = ticker {
-            t.abort();
+        if res.is_ok() {
+            res = copy
+                .fetch_control(&mut LeaderFetcher::new(leader, &backup_id, verify))
+                .await;
         }
-        res?;
-        progress.finish();
-        collect(&files, &pool, sink, &digests, progress.done())
+        copy.finish(res, sink)
     }
 
     async fn stop(&mut self, s: &Session<'_>, leader: &mut Connection) -> Result<(Lsn, u32)> {
@@ -259,65 +118,4 @@ pub(crate) fn stalled_leader(target: &str, limit: Duration, what: &str) -> Error
         limit.as_secs(),
         limit.as_secs()
     ))
-}
-
-/// What the pool's outcomes mean for the manifest: vanished files leave the backup, the
-/// others get their real size and the checksum taken as they passed; damaged pages are
-/// described for the session's policy.
-pub(super) fn collect(
-    files: &[FileEntry],
-    pool: &Pool,
-    sink: &PlainDir,
-    digests: &Digests,
-    bytes: u64,
-) -> Result<Copied> {
-    let outcomes = pool.outcomes();
-    let mut manifest = Vec::new();
-    let mut lines = Vec::new();
-    let mut pages = 0u64;
-    for (i, f) in files.iter().enumerate() {
-        let Some(id) = pool.files()[i].id else {
-            continue;
-        };
-        let o: &pool::FileOutcome = &outcomes[i];
-        if o.vanished {
-            tracing::info!(
-                "\"{}\" was removed on the server after the listing; it is not part of the backup (WAL replay accounts for it)",
-                f.path
-            );
-            sink.remove(id)?;
-            continue;
-        }
-        let size = match o.real_length {
-            Some(len) => {
-                sink.set_len(id, len)?;
-                len
-            }
-            None => f.size,
-        };
-        manifest.push(ManifestFile {
-            path: f.path.clone(),
-            size,
-            mtime: f.mtime,
-            checksum: digests.file_digest(id, size, &f.path)?,
-        });
-        if o.damaged.pages > 0 {
-            let mut blocks = o.damaged.blocks.clone();
-            blocks.sort_unstable();
-            let blocks: Vec<String> = blocks.iter().map(u32::to_string).collect();
-            lines.push(format!(
-                "\"{}\": {} page(s), blocks {}",
-                f.path,
-                o.damaged.pages,
-                blocks.join(", ")
-            ));
-            pages += u64::from(o.damaged.pages);
-        }
-    }
-    Ok(Copied {
-        files: manifest.len() as u64,
-        manifest: ManifestPart::Files(manifest),
-        damage: (!lines.is_empty()).then_some(Damage::Files { lines, pages }),
-        bytes,
-    })
 }

@@ -16,32 +16,23 @@
 
 use std::collections::HashMap;
 use std::sync::Arc;
-use std::time::Duration;
 
 use bytes::Bytes;
 
 use super::fetch::{Connector, Damaged, Delivery, RangeFetcher, Request};
-use super::parallel::{collect, ParallelSource};
-use super::pool::{Pool, PoolConfig, Throttle};
+use super::ranged::Ranged;
 use crate::conn::sql::{Format, Reply, SqlSession};
 use crate::conn::Connection;
 use crate::conninfo::ConnConfig;
 use crate::error::{Error, Result};
 use crate::exclusions::{EntryKind, Exclusions, Root, Verdict, EXCLUDED_DIR_CONTENTS};
 use crate::lsn::Lsn;
-use crate::manifest::ChecksumKind;
 use crate::options::{Checkpoint, Method};
 use crate::pagecheck::{verify_range, BLCKSZ};
-use crate::plan::{self, FileEntry, FileKind, PlanConfig, WorkUnit};
+use crate::plan::{FileEntry, FileKind};
 use crate::session::{Copied, Session, Source, Started, Tablespace};
-use crate::sink::digest::Digests;
 use crate::sink::dir::PlainDir;
-use crate::sink::seam::Sink;
 
-/// How often one worker reconnects before it gives up.
-const RETRIES: u32 = 3;
-/// Wait before a worker's first reconnection (doubled for each further one).
-const RETRY_DELAY: Duration = Duration::from_millis(200);
 /// Bytes one `pg_read_binary_file` call reads at most. A multiple of the page size, so pieces
 /// split on page bounds. Small on purpose: the server builds each result in memory three
 /// times over (the bytea read, `byteasend`'s copy, the row's buffer); pieces of 1 MiB put
@@ -355,51 +346,19 @@ impl Source for SqlSource {
         sink: &Arc<PlainDir>,
     ) -> Result<Copied> {
         let files = self.list(s).await?;
-        let kind = s.opts.manifest_checksums;
-        let whole_files =
-            !matches!(kind, ChecksumKind::None | ChecksumKind::Crc32c) || !sink.random_access();
-        let p = plan::plan(
-            &files,
-            PlanConfig {
-                chunk_size: if whole_files {
-                    u64::MAX
-                } else {
-                    s.opts.chunk_size
-                },
-                ..Default::default()
-            },
-        );
         let target = self.leader()?.target().to_string();
-        let control = p.control.ok_or_else(|| {
+        let verify = self.verify_job(s, &files).await?;
+        let server = s
+            .cfg
+            .targets
+            .first()
+            .map(|t| t.to_string())
+            .unwrap_or_default();
+        let copy = Ranged::prepare(s, &files, sink, server, || {
             Error::Failed(format!(
                 "the listing of the data directory on {target} has no global/pg_control"
             ))
         })?;
-        let listed = ParallelSource::lay_out(s, &files, &p, sink)?;
-        let verify = self.verify_job(s, &files).await?;
-        let progress = s.progress(p.total_bytes);
-        let ticker = progress.spawn_ticker();
-        let digests = Digests::new(kind);
-        let (sk, dg) = (sink.clone(), digests.clone());
-        let pool = Pool::new(
-            listed,
-            p.units,
-            Box::new(move || dg.tee(sk.writer())),
-            PoolConfig {
-                jobs: s.opts.jobs,
-                retries: RETRIES,
-                retry_delay: RETRY_DELAY,
-                progress: progress.clone(),
-                throttle: s.opts.max_rate.map(Throttle::new),
-                stall_timeout: s.opts.stall_timeout,
-                server: s
-                    .cfg
-                    .targets
-                    .first()
-                    .map(|t| t.to_string())
-                    .unwrap_or_default(),
-            },
-        );
         let connector = Arc::new(SqlConnector {
             cfg: s.cfg.clone(),
             verify: verify.clone(),
@@ -407,37 +366,19 @@ impl Source for SqlSource {
         let leader = self.leader()?;
         // The leader sits idle meanwhile; watching it turns its end (pg_terminate_backend, a
         // server restart: the backup is over on the server) into the error at once.
-        let res = tokio::select! {
-            r = pool.run(connector) => r,
+        let mut res = tokio::select! {
+            r = copy.run(connector) => r,
             e = leader.watch() => Err(e.context("leader session (it holds the backup open)")),
         };
-        let res = match res {
-            Ok(()) => {
-                let unit = WorkUnit {
-                    ranges: vec![plan::Range {
-                        file: control,
-                        offset: 0,
-                        length: files[control].size,
-                    }],
-                    bytes: files[control].size,
-                };
-                let mut f = SqlFetcher {
-                    sess: Held::Borrowed(leader),
-                    verify: None,
-                    side: None,
-                };
-                pool.fetch_one(&mut f, &unit)
-                    .await
-                    .map_err(|e| e.context("leader"))
-            }
-            Err(e) => Err(e),
-        };
-        if let Some(t) = ticker {
-            t.abort();
+        if res.is_ok() {
+            let mut f = SqlFetcher {
+                sess: Held::Borrowed(leader),
+                verify: None,
+                side: None,
+            };
+            res = copy.fetch_control(&mut f).await;
         }
-        res?;
-        progress.finish();
-        collect(&files, &pool, sink, &digests, progress.done())
+        copy.finish(res, sink)
     }
 
     async fn stop(&mut self, s: &Session<'_>, _repl: &mut Connection) -> Result<(Lsn, u32)> {
@@ -807,6 +748,7 @@ impl SqlFetcher<'_> {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::plan::{self, PlanConfig};
 
     fn row(path: &str, isdir: bool, size: u64) -> Listed {
         Listed {
@@ -935,17 +877,23 @@ mod fake_server_tests {
     use std::collections::{HashMap, VecDeque};
     use std::sync::atomic::{AtomicUsize, Ordering};
     use std::sync::Mutex;
+    use std::time::Duration;
 
     use bytes::{Buf, BufMut, BytesMut};
     use tokio::io::{AsyncReadExt, AsyncWriteExt};
     use tokio::net::{UnixListener, UnixStream};
 
     use super::*;
+    use crate::manifest::ChecksumKind;
     use crate::pagecheck::checksum_page;
     use crate::plan::plan;
+    use crate::plan::PlanConfig;
     use crate::progress::Progress;
+    use crate::sink::digest::Digests;
     use crate::sink::plain::TablespaceMap;
+    use crate::sink::seam::Sink;
     use crate::sink::seam::{Entry, Kind, Root as SinkRoot};
+    use crate::source::pool::{Pool, PoolConfig};
 
     struct Files {
         files: HashMap<String, Vec<u8>>,
