@@ -491,8 +491,9 @@ async fn choose_method(
             // fewer than the default fit).
             if opts.jobs_given {
                 format!(
-                    "server {target} offers parallel backup; using the parallel method ({} connections)",
-                    opts.jobs
+                    "server {target} offers parallel backup; using the parallel method ({} worker connection{})",
+                    opts.jobs,
+                    if opts.jobs == 1 { "" } else { "s" }
                 )
             } else {
                 format!("server {target} offers parallel backup; using the parallel method")
