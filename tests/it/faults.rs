@@ -115,6 +115,10 @@ fn tight_wal_retention_under_load_every_method_succeeds() {
             "the temporary slots are gone"
         );
     }
+    crate::util::fault_covered(
+        "tight WAL retention: 1 MB segments, max_slot_wal_keep_size = 1MB, min/max_wal_size = 2MB, under pgbench",
+        "every method succeeds, verifies and restores; the temporary slots are gone",
+    );
 }
 
 #[test]
@@ -142,6 +146,10 @@ fn server_wide_session_timeouts_do_not_end_the_backup() {
             verifies_and_restores(&c, &target);
         }
     }
+    crate::util::fault_covered(
+        "idle_session_timeout, idle_in_transaction_session_timeout and statement_timeout of 1 s on the server",
+        "every method succeeds: pgpar's sessions set them to 0",
+    );
 }
 
 /// Sends `signal` to a server process (as the servers' OS user when we are root).
@@ -316,6 +324,10 @@ fn a_stalled_walsender_never_hangs_the_backup() {
             target.display()
         );
     }
+    crate::util::fault_covered(
+        "a walsender stopped (SIGSTOP) mid-backup: a worker's (parallel, sql), the stream connection, the leader, the WAL stream",
+        "a worker is abandoned after --stall-timeout and its ranges fetched again, the backup verifies and restores; the others end with one message naming the connection and the setting, nothing left",
+    );
 }
 
 /// How often the server log shows a replication command starting a backup.
@@ -369,6 +381,10 @@ fn workers_fit_the_free_walsenders_and_a_jobs_that_cannot_be_served_is_refused_f
     );
     nothing_started(&c, before, "-j 8");
     assert!(!target.exists(), "{} was left", target.display());
+    crate::util::fault_covered(
+        "max_wal_senders = 4 and no -j; then -j 8",
+        "without -j: the workers that fit, said in one line, backup succeeds; -j 8 refused before any work with the number needed",
+    );
 }
 
 /// A tmpfs of `mb` MB at `dir`, unmounted when dropped.
@@ -467,6 +483,10 @@ fn a_target_too_small_is_refused_before_the_checkpoint_with_the_sizes() {
         c.psql("SELECT count(*) FROM pg_replication_slots;").trim(),
         "0"
     );
+    crate::util::fault_covered(
+        "a target filesystem too small for the backup (8 MB tmpfs)",
+        "refused before the checkpoint with the sizes, nothing created on the server or the target; --no-space-check fails cleanly on the full disk",
+    );
 }
 
 /// A worker whose connection breaks mid-copy while another client takes the walsender it
@@ -525,4 +545,8 @@ fn a_worker_that_finds_no_walsender_leaves_its_work_to_the_others() {
     );
     drop(held);
     verifies_and_restores(&c, &target);
+    crate::util::fault_covered(
+        "walsenders used up by another client mid-backup (a worker cannot connect: 53300)",
+        "the worker leaves with a warning, the others take its work; the backup verifies and restores",
+    );
 }

@@ -431,6 +431,10 @@ fn role_without_privileges_is_told_the_grants_and_auto_falls_back_to_stream() {
         check.stderr.contains("ALTER ROLE norepl_user REPLICATION;"),
         "{check}"
     );
+    crate::util::fault_covered(
+        "a role without the sql method's privileges",
+        "pgpar check and backup --method sql name the missing GRANTs; automatic selection falls back to the stream method and says so",
+    );
 }
 
 #[test]
@@ -580,6 +584,10 @@ fn killed_leader_session_fails_cleanly_and_ends_the_server_side_backup() {
         );
         std::thread::sleep(Duration::from_millis(100));
     }
+    crate::util::fault_covered(
+        "the leader's SQL session killed mid-backup (sql method)",
+        "exit non-zero with one error line naming the leader session; the server-side backup, sessions and slot gone; nothing left",
+    );
 }
 
 #[test]
@@ -621,6 +629,10 @@ fn killed_worker_session_is_retried_and_the_backup_completes() {
     c.pg_verifybackup(&target);
     let copy = c.start_backup_copy(&target);
     assert_eq!(copy.psql(q), before);
+    crate::util::fault_covered(
+        "a worker's SQL session killed mid-backup (sql method)",
+        "its ranges fetched again on a new session; the backup verifies and restores",
+    );
 }
 
 #[test]
@@ -645,6 +657,10 @@ fn damaged_page_is_found_on_the_client_unless_told_not_to_verify() {
     let out = sbackup(&c, &target, &["-j", "2", "--no-verify-checksums"]);
     assert_sql_method(&out, 2);
     c.pg_verifybackup(&target);
+    crate::util::fault_covered(
+        "a damaged data page (checksum failure), sql method",
+        "reported with its file and block from the client's own page check; --no-verify-checksums backs it up and it verifies",
+    );
 }
 
 #[test]
