@@ -86,7 +86,7 @@ impl Connection {
                 BackendMessage::BackendKeyData { pid, .. } => self.backend_pid = pid,
                 BackendMessage::ReadyForQuery(_) => break,
                 BackendMessage::ErrorResponse(db) => {
-                    let hint = startup_hint(&db, cfg);
+                    let hint = startup_hint(&db, cfg, repl);
                     return Err(self.connect_err(
                         db.message.clone(),
                         Some(db.code.clone()),
@@ -270,11 +270,23 @@ impl Connection {
     }
 }
 
-fn startup_hint(db: &DbError, cfg: &ConnConfig) -> Option<String> {
+/// What to do about a refused startup. An ordinary SQL session (the sql method's leader
+/// and workers) is matched in pg_hba.conf by its database and counts against
+/// `max_connections`; a replication connection by "replication" and `max_wal_senders`.
+fn startup_hint(db: &DbError, cfg: &ConnConfig, repl: Replication) -> Option<String> {
+    let sql_session = matches!(repl, Replication::None);
     match db.code.as_str() {
         sqlstate::INVALID_PASSWORD => Some(
             "check the password (PGPASSWORD, the password file, or password= in -d)".into(),
         ),
+        sqlstate::INVALID_AUTHORIZATION_SPECIFICATION
+            if db.message.contains("pg_hba.conf") && sql_session =>
+        {
+            Some(format!(
+                "add a line for database \"{}\" (or \"all\") for this user and host to the server's pg_hba.conf and reload (the sql method's sessions are ordinary connections)",
+                cfg.dbname.as_deref().unwrap_or(&cfg.user)
+            ))
+        }
         sqlstate::INVALID_AUTHORIZATION_SPECIFICATION if db.message.contains("pg_hba.conf") => Some(
             "add a line for database \"replication\" (or \"all\") for this user and host to the server's pg_hba.conf and reload"
                 .into(),
@@ -282,10 +294,18 @@ fn startup_hint(db: &DbError, cfg: &ConnConfig) -> Option<String> {
         sqlstate::INVALID_AUTHORIZATION_SPECIFICATION if db.message.contains("does not exist") => {
             Some(format!("create the role, or connect as another with -U (tried \"{}\")", cfg.user))
         }
+        sqlstate::INSUFFICIENT_PRIVILEGE if sql_session => Some(format!(
+            "the role needs CONNECT on the database: GRANT CONNECT ON DATABASE \"{}\" TO \"{}\"",
+            cfg.dbname.as_deref().unwrap_or(&cfg.user),
+            cfg.user
+        )),
         sqlstate::INSUFFICIENT_PRIVILEGE => Some(format!(
             "the role needs the REPLICATION attribute: ALTER ROLE \"{}\" REPLICATION",
             cfg.user
         )),
+        sqlstate::TOO_MANY_CONNECTIONS if sql_session => Some(
+            "raise max_connections on the server, or use fewer --jobs".into(),
+        ),
         sqlstate::TOO_MANY_CONNECTIONS => Some(
             "raise max_wal_senders (and max_connections) on the server, or use fewer --jobs".into(),
         ),

@@ -781,3 +781,38 @@ fn an_interrupted_copy_holds_a_backup_label_no_server_starts_from() {
         Err(log) => assert!(log.contains("backup_label"), "{log}"),
     }
 }
+
+/// The sql method's sessions are ordinary connections: a role that may replicate but not
+/// connect to the database is told the GRANT it lacks, not a replication hint.
+#[test]
+fn a_role_without_connect_is_told_the_grant_for_its_sql_sessions() {
+    let c = Cluster::new(Pg::V15);
+    c.psql(
+        "CREATE ROLE noconnect LOGIN REPLICATION; REVOKE CONNECT ON DATABASE postgres FROM PUBLIC;",
+    );
+    trust_role(&c, "noconnect");
+    let dir = scratch_dir();
+    let target = dir.path().join("backup");
+    let out = run(pgpar()
+        .args(["backup", "-c", "fast", "--method", "sql", "-D"])
+        .arg(&target)
+        .args([
+            "-d",
+            &format!("{} dbname=postgres", c.conninfo("noconnect")),
+        ]));
+    assert_ne!(out.code, Some(0), "{out}");
+    assert!(
+        out.stderr
+            .contains("GRANT CONNECT ON DATABASE \"postgres\" TO \"noconnect\""),
+        "no CONNECT grant named:\n{out}"
+    );
+    assert!(
+        !out.stderr.contains("REPLICATION attribute"),
+        "a replication hint for an SQL session:\n{out}"
+    );
+    assert!(!target.exists(), "{} was left", target.display());
+    crate::util::fault_covered(
+        "a role that may replicate but not CONNECT to the database, sql method",
+        "refused before any work with the GRANT CONNECT it needs; nothing left",
+    );
+}
