@@ -175,7 +175,16 @@ fn sha(path: &Path) -> String {
 
 #[test]
 fn table_larger_than_the_chunk_size_is_split_over_workers_and_identical() {
-    let c = Cluster::new(Pg::V17);
+    let out = a_large_table_is_split_over_workers(Pg::V17, "parallel", "trust_user");
+    out.assert_success();
+}
+
+/// Backs up a cluster with one table of more than 8 MiB (`--chunk-size 1MB`, `-j 4`) by
+/// `method` as `role` and checks that the table came in ranges from at least two workers
+/// (debug lines "worker N fetched path@off+len"), byte-identical, and restores; returns the
+/// run for the method's own checks.
+pub(crate) fn a_large_table_is_split_over_workers(pg: Pg, method: &str, role: &str) -> Out {
+    let c = Cluster::new(pg);
     c.psql(
         "CREATE TABLE big AS SELECT g, repeat(md5(g::text), 4) AS pad FROM generate_series(1, 60000) g;
          VACUUM (FREEZE) big;
@@ -192,13 +201,12 @@ fn table_larger_than_the_chunk_size_is_split_over_workers_and_identical() {
     let out = run(pgpar()
         .env("PGPAR_LOG", "debug")
         .args([
-            "backup", "--json", "-c", "fast", "--method", "parallel", "-j", "4",
+            "backup", "--json", "-c", "fast", "--method", method, "-j", "4",
         ])
         .args(["--chunk-size", "1MB", "-D"])
         .arg(&target)
-        .args(["-d", &c.conninfo("trust_user")]));
+        .args(["-d", &c.conninfo(role)]));
     out.assert_success();
-    // Which workers fetched ranges of the table (debug lines "worker N fetched path@off+len").
     let mut workers = std::collections::BTreeSet::new();
     let mut ranges = 0;
     for line in out.stderr.lines().filter(|l| l.contains(" fetched ")) {
@@ -228,10 +236,9 @@ fn table_larger_than_the_chunk_size_is_split_over_workers_and_identical() {
         "{rel} differs"
     );
     let copy = assert_backup_restores(&c, &target, &out);
-    assert_eq!(
-        copy.psql("SELECT count(*), sum(g), md5(string_agg(pad, '' ORDER BY g)) FROM big;"),
-        c.psql("SELECT count(*), sum(g), md5(string_agg(pad, '' ORDER BY g)) FROM big;")
-    );
+    let q = "SELECT count(*), sum(g), md5(string_agg(pad, '' ORDER BY g)) FROM big;";
+    assert_eq!(copy.psql(q), c.psql(q));
+    out
 }
 
 #[test]

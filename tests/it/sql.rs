@@ -12,13 +12,13 @@
 use std::collections::BTreeSet;
 use std::fs;
 use std::path::Path;
-use std::process::{Command, Stdio};
+use std::process::Stdio;
 use std::time::{Duration, Instant};
 
 use crate::backup_stream::{
     assert_backup_restores, backup_under_load_is_consistent, damaged_table, load_extras, snapshot,
 };
-use crate::cluster::{give_to_server_user, run_ok, scratch_dir, Cluster, Pg};
+use crate::cluster::{give_to_server_user, scratch_dir, Cluster, Pg};
 use crate::util::{pgpar, run, Out};
 
 /// `pgpar backup --json -c fast --method sql -D target -d <role over TCP> extra...`
@@ -160,69 +160,10 @@ fn sql_backup_maps_a_tablespace() {
     assert_eq!(copy.psql(q1) + &copy.psql_db("db2", q2), before);
 }
 
-fn sha(path: &Path) -> String {
-    run_ok(Command::new("sha256sum").arg(path))
-        .split_whitespace()
-        .next()
-        .unwrap()
-        .to_string()
-}
-
 #[test]
 fn sql_backup_splits_a_large_table_over_workers_byte_identical() {
-    let c = Cluster::new(Pg::V15);
-    c.psql(
-        "CREATE TABLE big AS SELECT g, repeat(md5(g::text), 4) AS pad FROM generate_series(1, 60000) g;
-         VACUUM (FREEZE) big;
-         CHECKPOINT;",
-    );
-    let rel = c
-        .psql("SELECT pg_relation_filepath('big');")
-        .trim()
-        .to_string();
-    let size = fs::metadata(c.data.join(&rel)).unwrap().len();
-    assert!(size > 8 << 20, "table is only {size} bytes");
-    let dir = scratch_dir();
-    let target = dir.path().join("backup");
-    let out = run(pgpar()
-        .env("PGPAR_LOG", "debug")
-        .args([
-            "backup", "--json", "-c", "fast", "--method", "sql", "-j", "4",
-        ])
-        .args(["--chunk-size", "1MB", "-D"])
-        .arg(&target)
-        .args(["-d", &c.conninfo("postgres")]));
+    let out = crate::parallel::a_large_table_is_split_over_workers(Pg::V15, "sql", "postgres");
     assert_sql_method(&out, 4);
-    let mut workers = BTreeSet::new();
-    let mut ranges = 0;
-    for line in out.stderr.lines().filter(|l| l.contains(" fetched ")) {
-        let w = line
-            .split("worker ")
-            .nth(1)
-            .and_then(|r| r.split(' ').next())
-            .unwrap();
-        let n = line.matches(&format!("{rel}@")).count();
-        if n > 0 {
-            workers.insert(w.to_string());
-            ranges += n;
-        }
-    }
-    assert!(
-        ranges as u64 >= size / (1 << 20),
-        "{rel} came in {ranges} ranges:\n{out}"
-    );
-    assert!(
-        workers.len() >= 2,
-        "{rel} was fetched by workers {workers:?} only:\n{out}"
-    );
-    assert_eq!(
-        sha(&target.join(&rel)),
-        sha(&c.data.join(&rel)),
-        "{rel} differs"
-    );
-    let copy = assert_backup_restores(&c, &target, &out);
-    let q = "SELECT count(*), sum(g), md5(string_agg(pad, '' ORDER BY g)) FROM big;";
-    assert_eq!(copy.psql(q), c.psql(q));
 }
 
 #[test]
