@@ -105,41 +105,18 @@ impl SqlSession {
 
     /// Reads up to the next ReadyForQuery, failing with the first error met on the way.
     async fn drain_to_ready(&mut self) -> Result<()> {
-        let mut failed = None;
-        loop {
-            match self.next_step().await? {
-                Step::Ready => break,
-                Step::Failed { error, .. } => {
-                    let e = self.server_error(error);
-                    if self.conn.state == State::Broken {
-                        return Err(e);
-                    }
-                    failed.get_or_insert(e);
-                }
-                _ => {}
-            }
-        }
-        match failed {
-            Some(e) => Err(e),
-            None => Ok(()),
-        }
+        self.rows_to_ready(None).await.map(drop)
     }
 
-    /// Runs `sql` once with text parameters and returns its rows, in text.
-    pub async fn query(&mut self, sql: &str, params: &[&str]) -> Result<Vec<Row>> {
-        self.check_usable()?;
-        tracing::debug!(target: "pgpar::sql", conn = %self.conn.target, "{}", redact(sql));
-        extended::parse("", sql, &[], &mut self.conn.wbuf)?;
-        self.pipe.push(Expect::ParseComplete);
-        let values: Vec<Option<&[u8]>> = params.iter().map(|p| Some(p.as_bytes())).collect();
-        let n = self.queue_execute("", &values, Format::Text)?;
-        self.queue_sync();
-        self.flush().await?;
+    /// Reads up to the next ReadyForQuery, keeping the rows of execution `keep`; fails with
+    /// the first error met on the way (after reading on to the ReadyForQuery, unless the
+    /// connection broke).
+    async fn rows_to_ready(&mut self, keep: Option<u64>) -> Result<Vec<Row>> {
         let mut rows = Vec::new();
         let mut failed = None;
         loop {
             match self.next_step().await? {
-                Step::Row(m, v) if m == n => rows.push(Row(v)),
+                Step::Row(m, v) if Some(m) == keep => rows.push(Row(v)),
                 Step::Ready => break,
                 Step::Failed { error, .. } => {
                     let e = self.server_error(error);
@@ -155,6 +132,19 @@ impl SqlSession {
             Some(e) => Err(e),
             None => Ok(rows),
         }
+    }
+
+    /// Runs `sql` once with text parameters and returns its rows, in text.
+    pub async fn query(&mut self, sql: &str, params: &[&str]) -> Result<Vec<Row>> {
+        self.check_usable()?;
+        tracing::debug!(target: "pgpar::sql", conn = %self.conn.target, "{}", redact(sql));
+        extended::parse("", sql, &[], &mut self.conn.wbuf)?;
+        self.pipe.push(Expect::ParseComplete);
+        let values: Vec<Option<&[u8]>> = params.iter().map(|p| Some(p.as_bytes())).collect();
+        let n = self.queue_execute("", &values, Format::Text)?;
+        self.queue_sync();
+        self.flush().await?;
+        self.rows_to_ready(Some(n)).await
     }
 
     /// Queues Bind and Execute of prepared statement `statement` with `params` (text, `None`
