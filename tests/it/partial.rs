@@ -136,13 +136,11 @@ fn wal_walsender(c: &Cluster) -> i32 {
 }
 
 /// Whether a WAL segment has been completely written into `target/pg_wal` (its `.done`).
-fn a_wal_segment_is_complete(target: &Path) -> bool {
-    fs::read_dir(target.join("pg_wal/archive_status"))
-        .map(|rd| {
-            rd.flatten()
-                .any(|e| e.file_name().to_string_lossy().ends_with(".done"))
-        })
-        .unwrap_or(false)
+fn wal_segment_is_complete(target: &Path, segment: &str) -> bool {
+    target
+        .join("pg_wal/archive_status")
+        .join(format!("{segment}.done"))
+        .exists()
 }
 
 /// Starts a throttled backup and brings it to the point where it waits for the end of WAL
@@ -164,9 +162,13 @@ fn backup_waiting_for_wal(
     // pg_wal/ is made when the backup has started, i.e. after its checkpoint.
     b.wait_for("the backup started", |_| target.join("pg_wal").is_dir());
     let walsender = wal_walsender(c);
-    c.psql("SELECT pg_switch_wal();");
+    // The segment this switch completes comes after the start checkpoint's record; the
+    // stream writes segments in order (an earlier segment complete is not enough: the WAL
+    // stream starts before the backup, and the checkpoint may lie in the next one).
+    let switched = c.psql("SELECT pg_walfile_name(pg_switch_wal());");
+    let switched = switched.trim();
     b.wait_for("the start checkpoint's WAL segment was written", |_| {
-        a_wal_segment_is_complete(target)
+        wal_segment_is_complete(target, switched)
     });
     signal(walsender, libc::SIGSTOP);
     let held = Stopped(walsender);
