@@ -816,14 +816,7 @@ fn interrupt_backup(c: &Cluster, target: &Path, signal: libc::c_int) -> Out {
     // SAFETY: kill(2) on our own child's pid; no memory is involved.
     let rc = unsafe { libc::kill(child.id() as libc::pid_t, signal) };
     assert_eq!(rc, 0, "kill failed");
-    let output = child.wait_with_output().unwrap();
-    Out {
-        cmdline,
-        code: output.status.code(),
-        stdout: String::from_utf8_lossy(&output.stdout).into_owned(),
-        stderr: String::from_utf8_lossy(&output.stderr).into_owned(),
-        seconds: started.elapsed().as_secs_f64(),
-    }
+    crate::util::wait_for(child, cmdline, started)
 }
 
 #[test]

@@ -66,14 +66,7 @@ fn backup_with_fast_shutdown(c: &Cluster, method: &str) -> Out {
         stop.status.success(),
         "pg_ctl stop -m fast failed: {stop:?}"
     );
-    let output = child.wait_with_output().unwrap();
-    let out = Out {
-        cmdline,
-        code: output.status.code(),
-        stdout: String::from_utf8_lossy(&output.stdout).into_owned(),
-        stderr: String::from_utf8_lossy(&output.stderr).into_owned(),
-        seconds: started.elapsed().as_secs_f64(),
-    };
+    let out = crate::util::wait_for(child, cmdline, started);
     assert!(
         !target.join("backup_manifest").exists(),
         "a backup cut short has a manifest:\n{out}"

@@ -226,9 +226,13 @@ fn a_broken_wal_stream_says_it_was_the_wal_stream() {
         std::thread::sleep(Duration::from_millis(20));
     }
     assert!(ended > 0, "no WAL stream was seen");
-    let out = child.wait_with_output().unwrap();
-    let stderr = String::from_utf8_lossy(&out.stderr);
-    assert_eq!(out.status.code(), Some(1), "{stderr}");
+    let out = crate::util::wait_for(
+        child,
+        "pgpar backup (in the background)".into(),
+        Instant::now(),
+    );
+    let stderr = &out.stderr;
+    assert_eq!(out.code, Some(1), "{stderr}");
     let error = stderr
         .lines()
         .find_map(|l| l.strip_prefix("pgpar: error: "))
@@ -327,9 +331,13 @@ fn backup_label_is_written_before_the_first_data_file() {
         std::thread::sleep(Duration::from_millis(20));
     }
     run_ok(Command::new("kill").args(["-INT", &child.id().to_string()]));
-    let out = child.wait_with_output().unwrap();
-    let stderr = String::from_utf8_lossy(&out.stderr);
-    assert_eq!(out.status.code(), Some(1), "{stderr}");
+    let out = crate::util::wait_for(
+        child,
+        "pgpar backup (in the background)".into(),
+        Instant::now(),
+    );
+    let stderr = &out.stderr;
+    assert_eq!(out.code, Some(1), "{stderr}");
     assert!(stderr.contains("interrupted by SIGINT"), "{stderr}");
     assert!(!target.join("backup_manifest").exists(), "{stderr}");
     let label = fs::read_to_string(target.join("backup_label"))

@@ -168,32 +168,8 @@ fn sql_backup_splits_a_large_table_over_workers_byte_identical() {
 
 #[test]
 fn sql_backup_of_twenty_thousand_small_relation_files() {
-    let c = Cluster::new(Pg::V15);
-    c.psql(
-        "DO $$ BEGIN
-           FOR i IN 1..10500 LOOP
-             EXECUTE format('CREATE TABLE s%s (id int PRIMARY KEY, v int)', i);
-             EXECUTE format('INSERT INTO s%s VALUES (%s, %s)', i, i, i);
-             IF i % 500 = 0 THEN COMMIT; END IF;
-           END LOOP;
-         END $$;
-         CHECKPOINT;",
-    );
-    let files = c.psql(
-        "SELECT count(*) FROM pg_class WHERE relname ~ '^s[0-9]+(_pkey)?$' AND pg_relation_size(oid) > 0;",
-    );
-    assert!(
-        files.trim().parse::<u32>().unwrap() >= 20000,
-        "only {files} relation files"
-    );
-    let dir = scratch_dir();
-    let target = dir.path().join("backup");
-    let out = sbackup(&c, &target, &["-j", "4"]);
+    let out = crate::parallel::many_small_relation_files_back_up(Pg::V15, "sql", "postgres");
     assert_sql_method(&out, 4);
-    let copy = assert_backup_restores(&c, &target, &out);
-    let q = "SELECT count(*) FROM pg_class WHERE relname ~ '^s[0-9]+$';
-             SELECT (SELECT v FROM s1) + (SELECT v FROM s5000) + (SELECT v FROM s10500);";
-    assert_eq!(copy.psql(q), c.psql(q));
 }
 
 /// The paths of a backup's manifest.
@@ -421,11 +397,12 @@ fn spawn_backup(c: &Cluster, role: &str, target: &Path, extra: &[&str]) -> std::
 }
 
 fn finish(child: std::process::Child) -> (Option<i32>, String) {
-    let out = child.wait_with_output().expect("wait for pgpar");
-    (
-        out.status.code(),
-        String::from_utf8_lossy(&out.stderr).into_owned(),
-    )
+    let out = crate::util::wait_for(
+        child,
+        "pgpar backup (in the background)".into(),
+        Instant::now(),
+    );
+    (out.code, out.stderr)
 }
 
 /// Waits until a session of `role` calling itself `app` (pgpar names its sql leader and

@@ -86,10 +86,25 @@ pub fn run(cmd: &mut Command) -> Out {
     out
 }
 
+/// Waits for a pgpar a test started in the background (`cmdline`, started at `started`) and
+/// collects its run, read for Rust Debug text like every run through [`run`].
+pub fn wait_for(child: std::process::Child, cmdline: String, started: Instant) -> Out {
+    let output = child.wait_with_output().expect("wait for pgpar");
+    let out = Out {
+        cmdline,
+        code: output.status.code(),
+        stdout: String::from_utf8_lossy(&output.stdout).into_owned(),
+        stderr: String::from_utf8_lossy(&output.stderr).into_owned(),
+        seconds: started.elapsed().as_secs_f64(),
+    };
+    assert_readable(&out.stderr, &out.cmdline);
+    out
+}
+
 /// Fails the test when `stderr` (what pgpar told a person) holds Rust `Debug` formatting:
 /// `Some(`, `None`, `Ok(`/`Err(`, a tuple variant such as `CommandComplete("COPY 0")`, or a
 /// struct dump such as `Connect { target: …`. Lines of debug and trace logging are left out.
-/// Tests that spawn pgpar themselves call it on the stderr they collected.
+/// Tests that spawn pgpar themselves collect its run with [`wait_for`], which calls it.
 #[track_caller]
 pub fn assert_readable(stderr: &str, what: &str) {
     // Debug and trace logs (PGPAR_LOG=debug, -vv) are for developers and quote libraries'
