@@ -95,10 +95,61 @@ apt_opts() {
     echo "-o Dir::Etc::SourceList=/dev/null -o Dir::Etc::SourceParts=$APTDIR -o Dir::State::Lists=$APTDIR/lists -o Dir::Cache=$APTDIR/cache -o Debug::NoLocking=1"
 }
 
+# The release the series is made and verified against. Its upstream tarball is fetched by
+# name from the pool of the system's own mirror and checked against this SHA-256 (from the
+# signed .dsc of that Debian version), so a build does not depend on which version a mirror's
+# index names today: an index may already name a newer minor whose files the mirror does
+# not serve yet (seen: trixie's index at 17.12-0+deb13u1, its pool still at 17.11), and a
+# newer minor may not take the series without fuzz. Only when the pinned tarball cannot be
+# had is the newest version in trixie's index tried (with `--fuzz=3`, as always).
+PINNED_VERSION="17.11-0+deb13u1"
+PINNED_ORIG="postgresql-17_17.11.orig.tar.bz2"
+PINNED_SHA256="dd27f2b3c59e73ed14aa3324901242bf69a032a6347805f274e6260322d42979"
+
+# The system's mirror: the URIs of the first stanza of its deb822 sources.
+mirror_uri() {
+    local srcfile="/etc/apt/sources.list.d/debian.sources" uri=""
+    if [ -f "$srcfile" ]; then
+        uri=$(awk 'BEGIN{RS=""} NR==1' "$srcfile" | awk '/^URIs:/{print $2; exit}')
+    fi
+    echo "${uri:-http://deb.debian.org/debian}"
+}
+
+# Unpack the .orig tarball in $1 and mark the directory complete.
+unpack_source() {
+    local d="$1" orig
+    orig=$(ls "$d"/postgresql-17_*.orig.tar.* 2>/dev/null | head -1)
+    [ -n "$orig" ] || die "no .orig tarball in $d"
+    (cd "$d" && tar xf "$orig") || die "cannot unpack $orig"
+    touch "$d/.complete"
+}
+
+# The pinned release, by name and checksum. Succeeds when it is (or now is) in the cache.
+fetch_pinned() {
+    local d="$PGROOT/src/$PINNED_VERSION"
+    [ -f "$d/.complete" ] && return 0
+    local url
+    url="$(mirror_uri)/pool/main/p/postgresql-17/$PINNED_ORIG"
+    log "downloading postgresql-17 $PINNED_VERSION source ($PINNED_ORIG)"
+    rm -rf "$d"; mkdir -p "$d"
+    if ! timeout 600 /usr/lib/apt/apt-helper download-file "$url" "$d/$PINNED_ORIG" \
+            "SHA256:$PINNED_SHA256" >&2; then
+        log "could not download $url with the expected SHA-256"
+        rm -rf "$d"
+        return 1
+    fi
+    unpack_source "$d"
+}
+
 # Resolve the source version to build. Prints the version; the source lands in
 # $PGROOT/src/<version>/ with the pristine tree in .../postgresql-<upstream>.
 fetch_source() {
     mkdir -p "$APTDIR/lists/partial" "$APTDIR/cache/archives/partial" "$PGROOT/src"
+    if fetch_pinned; then
+        printf '%s\n' "$PINNED_VERSION"
+        return
+    fi
+    log "falling back to the newest postgresql-17 in trixie's index"
     local srcfile="/etc/apt/sources.list.d/debian.sources"
     local ver=""
     if [ -f "$srcfile" ]; then
@@ -127,12 +178,8 @@ fetch_source() {
         rm -rf "$d"; mkdir -p "$d"
         # shellcheck disable=SC2046
         (cd "$d" && apt-get $(apt_opts) source --download-only "postgresql-17=$ver" >&2) \
-            || die "download of postgresql-17 $ver failed"
-        local orig
-        orig=$(ls "$d"/postgresql-17_*.orig.tar.* 2>/dev/null | head -1)
-        [ -n "$orig" ] || die "no .orig tarball in $d"
-        (cd "$d" && tar xf "$orig") || die "cannot unpack $orig"
-        touch "$d/.complete"
+            || die "download of postgresql-17 $ver failed (and of the pinned $PINNED_VERSION before it)"
+        unpack_source "$d"
     fi
     printf '%s\n' "$ver"
 }
