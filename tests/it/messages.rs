@@ -33,13 +33,19 @@ fn the_debug_text_checker_finds_what_it_must_and_only_that() {
     }
 }
 
-/// Starts a throttled backup, stops the server with `pg_ctl stop -m fast` once data flows,
-/// and returns what pgpar did.
+/// Starts a throttled backup, stops the server with `pg_ctl stop -m fast` once data flows on
+/// every connection the method opens, and returns what pgpar did.
 fn backup_with_fast_shutdown(c: &Cluster, method: &str) -> Out {
     let dir = scratch_dir();
     let target = dir.path().join("b");
+    // Walsenders of a backup in full flow: the leader (or BASE_BACKUP's connection) and the
+    // WAL stream, plus two workers for the parallel method. Waiting for all of them makes
+    // "mid-backup" mean the copy itself: on a loaded machine the first directories exist
+    // before a worker has connected, and a server stopped then refuses that connection
+    // (exit 3), which is another fault than this one.
+    let walsenders = if method == "parallel" { 4 } else { 2 };
     let mut cmd = pgpar();
-    cmd.args(["backup", "-c", "fast", "--method", method, "-r", "2M", "-D"])
+    cmd.args(["backup", "-c", "fast", "--method", method, "-j", "2", "-r", "2M", "-D"])
         .arg(&target)
         .args(["-d", &c.conninfo("trust_user")])
         .stdout(Stdio::piped())
@@ -52,6 +58,21 @@ fn backup_with_fast_shutdown(c: &Cluster, method: &str) -> Out {
         assert!(
             Instant::now() < deadline,
             "the backup wrote nothing in 60 s"
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    loop {
+        let n: usize = c
+            .psql("SELECT count(*) FROM pg_stat_activity WHERE backend_type = 'walsender';")
+            .trim()
+            .parse()
+            .expect("a count");
+        if n >= walsenders {
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "{method}: {n} of {walsenders} walsenders after 60 s"
         );
         std::thread::sleep(Duration::from_millis(50));
     }
