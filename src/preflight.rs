@@ -1,13 +1,18 @@
 //! Pre-flight: what can be found wrong before the backup asks the server for any work (no
 //! slot, no checkpoint, nothing written but the empty target directory), all of it in one
-//! report: `wal_level`, the walsenders the method needs (and, without `-j`, how many workers
-//! fit), the replication slots, the `-S` slot, and the size of the cluster against the free
-//! space of every target file system. It also settles the method and the number of workers.
+//! report: the role's rights (the REPLICATION attribute every method needs; with `--method
+//! sql`, EXECUTE on the functions [`crate::privileges`] names), `wal_level`, the walsenders
+//! the method needs (and, without `-j`, how many workers fit), the replication slots, the
+//! `-S` slot, and the size of the cluster against the free space of every target file
+//! system. It also settles the method and the number of workers.
 //!
 //! It only reads: `SHOW` and `READ_REPLICATION_SLOT` on the leader, and, where the role may
-//! open an ordinary session, the walsenders and slots in use and the tablespaces' sizes. What
-//! it cannot read (no SQL access, no privilege) it says it did not check, never guesses as a
-//! problem. It must not start anything on the server.
+//! open an ordinary session, the walsenders and slots in use and the tablespaces' sizes. When
+//! the leader's replication connection is refused (a role without REPLICATION, or every
+//! walsender taken), the same questions go over an ordinary session instead ([`probe`]), so
+//! that the report still names every problem, not only the first. What it cannot read (no
+//! SQL access, no privilege) it says it did not check, never guesses as a problem. It must
+//! not start anything on the server.
 
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
@@ -16,6 +21,7 @@ use crate::conn::{Connection, Replication};
 use crate::conninfo::ConnConfig;
 use crate::error::{Error, Result};
 use crate::options::{BackupOptions, Method, MethodChoice};
+use crate::protocol::sqlstate;
 use crate::replication::{quote_ident, show};
 use crate::session::Reporter;
 
@@ -152,17 +158,80 @@ fn mb(bytes: u64) -> String {
     format!("{:.1} MB", bytes as f64 / 1_048_576.0)
 }
 
+/// Whether a refused replication connection is worth a pre-flight over an ordinary session:
+/// the role lacks REPLICATION, or every walsender is taken.
+pub(crate) fn worth_a_probe(e: &Error) -> bool {
+    matches!(e.root(), Error::Connect { .. })
+        && matches!(
+            e.sqlstate(),
+            Some(sqlstate::INSUFFICIENT_PRIVILEGE | sqlstate::TOO_MANY_CONNECTIONS)
+        )
+}
+
+/// An ordinary session standing in for a leader whose replication connection was refused:
+/// the pre-flight asks its questions there. `None` when the role may not open one either.
+pub(crate) async fn probe(cfg: &ConnConfig) -> Option<Connection> {
+    let mut cfg = cfg.clone();
+    if cfg.dbname.is_none() {
+        cfg.dbname = Some("postgres".into());
+    }
+    Connection::connect(&cfg, Replication::None).await.ok()
+}
+
+/// The leader the pre-flight asks: a replication connection, or an ordinary session when the
+/// replication connection was refused (`refused`; see [`probe`]).
+pub(crate) struct Asked<'a> {
+    pub conn: &'a mut Connection,
+    pub refused: Option<Error>,
+}
+
+/// The problem of a role that may not open replication connections, with the statement that
+/// fixes it; `None` when it may (or the question cannot be asked). The server checks this
+/// only after it has found a walsender free, so a refusal for want of walsenders says
+/// nothing of it: the role is asked here.
+async fn no_replication(c: &mut Connection) -> Option<String> {
+    let (_, row) = c
+        .query_one(
+            "SELECT quote_ident(current_user), rolsuper OR rolreplication \
+             FROM pg_catalog.pg_roles WHERE rolname = current_user",
+        )
+        .await
+        .ok()?;
+    if row.get(1) != Some("f") {
+        return None;
+    }
+    let role = row.get(0)?;
+    Some(format!(
+        "role {role} may not open replication connections (it lacks the REPLICATION attribute), \
+         which every method needs (the WAL stream, and the copy itself except with the sql \
+         method): as a superuser, run ALTER ROLE {role} REPLICATION;"
+    ))
+}
+
 /// Runs the pre-flight on the leader (see the module doc). `offered` is the method chosen so
-/// far; `seg_size` the server's WAL segment size.
+/// far; `seg_size` the server's WAL segment size; `problems` those found already (choosing
+/// the method: the sql method's missing GRANTs). With a refused leader it always fails: with
+/// the report, or, when it finds nothing (a walsender freed meanwhile), with the refusal.
 pub(crate) async fn run(
     cfg: &ConnConfig,
     opts: &BackupOptions,
-    leader: &mut Connection,
+    asked: Asked<'_>,
     offered: Method,
     seg_size: u64,
+    mut problems: Vec<String>,
     reporter: &dyn Reporter,
 ) -> Result<Flight> {
-    let mut problems: Vec<String> = Vec::new();
+    let Asked {
+        conn: leader,
+        refused,
+    } = asked;
+    // Whether the leader holds a walsender already.
+    let walsender = refused.is_none();
+    if !walsender {
+        if let Some(p) = no_replication(leader).await {
+            problems.insert(0, p);
+        }
+    }
     let wal_level = show(leader, "wal_level").await?.unwrap_or_default();
     if wal_level == "minimal" {
         problems.push(
@@ -175,18 +244,22 @@ pub(crate) async fn run(
     let max_slots = setting(show(leader, "max_replication_slots").await?);
     let u = usage(cfg).await;
 
-    // Walsenders: the leader holds one already; the WAL stream needs one, each worker one.
-    let used = u.walsenders_used.unwrap_or(1).max(1);
-    let free = max_senders.saturating_sub(used);
+    // Walsenders: the leader holds one already (or, refused, still needs one); the WAL
+    // stream needs one, each worker one. `free` counts the leader's as free.
+    let held = usize::from(walsender);
+    let used = u.walsenders_used.unwrap_or(held).max(held);
+    let free = (max_senders + held).saturating_sub(used);
     let in_use = match u.walsenders_used {
-        Some(n) => format!("{n} in use, this connection included"),
+        Some(n) if walsender => format!("{n} in use, this connection included"),
+        Some(n) => format!("{n} in use"),
         None => "how many are in use is unknown without an ordinary session".into(),
     };
     let mut method = offered;
     // The sql method's workers are ordinary sessions, not walsenders.
     let mut jobs = if method == Method::Sql { opts.jobs } else { 1 };
     if method == Method::Parallel {
-        let fit = free.saturating_sub(1);
+        // The leader and the WAL stream take one each.
+        let fit = free.saturating_sub(2);
         if opts.jobs_given {
             if fit < opts.jobs {
                 problems.push(format!(
@@ -196,7 +269,7 @@ pub(crate) async fn run(
                     opts.jobs,
                     opts.jobs + 2,
                     fit.max(1),
-                    used + opts.jobs + 1
+                    used - held + opts.jobs + 2
                 ));
             }
             jobs = opts.jobs;
@@ -210,8 +283,9 @@ pub(crate) async fn run(
                 }
             };
             say(&format!(
-                "using {jobs} worker connection(s): {free} of max_wal_senders = {max_senders} free \
-                 ({in_use}); the leader and the WAL stream take one each"
+                "using {jobs} worker connection(s): {} of max_wal_senders = {max_senders} free \
+                 ({in_use}); the leader and the WAL stream take one each",
+                free - held
             ));
         } else if opts.method == MethodChoice::Auto {
             method = Method::Stream;
@@ -226,26 +300,43 @@ pub(crate) async fn run(
             ));
         }
     }
-    if method != Method::Parallel && free < 1 {
+    if method != Method::Parallel && free < 2 {
         problems.push(format!(
-            "the WAL stream needs a walsender of its own, but max_wal_senders is {max_senders} ({in_use}): \
-             raise max_wal_senders (needs a restart)"
+            "the {} method needs 2 walsenders (the {}, the WAL stream), but max_wal_senders is \
+             {max_senders} ({in_use}): raise max_wal_senders to at least {} (needs a restart)",
+            method.name(),
+            if method == Method::Sql {
+                "leader's replication connection"
+            } else {
+                "backup stream"
+            },
+            used - held + 2
         ));
     }
 
     // Slots: ours is temporary (or made with -C) unless -S names an existing one.
     match (&opts.slot, opts.create_slot) {
         (Some(name), false) => {
-            let sets = leader
-                .simple_query(&format!("READ_REPLICATION_SLOT {}", quote_ident(name)))
-                .await
-                .map_err(|e| e.context(format!("READ_REPLICATION_SLOT {name} failed")))?;
-            let exists = sets
-                .iter()
-                .find(|s| !s.columns.is_empty())
-                .and_then(|s| s.rows.first())
-                .and_then(|r| r.get(0))
-                .is_some();
+            let exists = if walsender {
+                let sets = leader
+                    .simple_query(&format!("READ_REPLICATION_SLOT {}", quote_ident(name)))
+                    .await
+                    .map_err(|e| e.context(format!("READ_REPLICATION_SLOT {name} failed")))?;
+                sets.iter()
+                    .find(|s| !s.columns.is_empty())
+                    .and_then(|s| s.rows.first())
+                    .and_then(|r| r.get(0))
+                    .is_some()
+            } else {
+                let (_, row) = leader
+                    .query_one(&format!(
+                        "SELECT count(*) FROM pg_catalog.pg_replication_slots WHERE slot_name = '{}'",
+                        name.replace('\'', "''")
+                    ))
+                    .await
+                    .map_err(|e| e.context(format!("looking up replication slot {name}")))?;
+                row.get(0) != Some("0")
+            };
             if !exists {
                 problems.push(format!(
                     "replication slot \"{name}\" does not exist: create it first, or add -C"
@@ -320,20 +411,36 @@ pub(crate) async fn run(
         }
     }
 
-    if !problems.is_empty() {
-        let n = problems.len();
-        let list: Vec<String> = problems
-            .iter()
-            .enumerate()
-            .map(|(i, p)| format!("({}) {p}", i + 1))
-            .collect();
-        return Err(Error::Failed(format!(
-            "server {}: {n} problem(s) found before any work, nothing was started: {}",
-            leader.target(),
-            list.join("; ")
-        )));
+    if problems.is_empty() {
+        return match refused {
+            Some(e) => Err(e),
+            None => Ok(Flight { method, jobs }),
+        };
     }
-    Ok(Flight { method, jobs })
+    let n = problems.len();
+    let list: Vec<String> = problems
+        .iter()
+        .enumerate()
+        // A problem ending in a statement's ';' is followed by the list's own.
+        .map(|(i, p)| format!("({}) {}", i + 1, p.trim_end_matches(';')))
+        .collect();
+    let report = format!(
+        "{n} problem(s) found before any work, nothing was started: {}",
+        list.join("; ")
+    );
+    Err(match refused {
+        // The replication connection was refused: still a connection failure (exit 3),
+        // now with everything else that stands in the way.
+        Some(Error::Connect {
+            target, sqlstate, ..
+        }) => Error::Connect {
+            target,
+            reason: report,
+            sqlstate,
+            hint: None,
+        },
+        _ => Error::Failed(format!("server {}: {report}", leader.target())),
+    })
 }
 
 #[cfg(test)]

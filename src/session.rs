@@ -392,20 +392,28 @@ async fn backup(
     reporter: &Arc<dyn Reporter>,
     cleanup: &mut Cleanup,
 ) -> Result<Summary> {
-    let mut leader = Connection::connect(cfg, Replication::Physical)
-        .await
-        .map_err(|e| {
-            // Servers before 14 refuse the settings of own_sessions at startup.
-            if e.to_string()
-                .contains("unrecognized configuration parameter \"idle_session_timeout\"")
-            {
-                Error::Failed(format!(
-                    "{e}: the server runs a PostgreSQL older than 14, pgpar needs 15 or later"
-                ))
-            } else {
-                e
-            }
-        })?;
+    let older = |e: Error| {
+        // Servers before 14 refuse the settings of own_sessions at startup.
+        if e.to_string()
+            .contains("unrecognized configuration parameter \"idle_session_timeout\"")
+        {
+            Error::Failed(format!(
+                "{e}: the server runs a PostgreSQL older than 14, pgpar needs 15 or later"
+            ))
+        } else {
+            e
+        }
+    };
+    // A refused replication connection (no REPLICATION, no walsender free) still gets the
+    // whole pre-flight, over an ordinary session, so that one report names every problem.
+    let (mut leader, refused) = match Connection::connect(cfg, Replication::Physical).await {
+        Ok(c) => (c, None),
+        Err(e) if crate::preflight::worth_a_probe(&e) => match crate::preflight::probe(cfg).await {
+            Some(c) => (c, Some(e)),
+            None => return Err(e),
+        },
+        Err(e) => return Err(older(e)),
+    };
     let version = leader.server_version_num().unwrap_or(0);
     if version < 150000 {
         return Err(Error::Failed(format!(
@@ -414,18 +422,39 @@ async fn backup(
             leader.parameter("server_version").unwrap_or("?")
         )));
     }
+    let mut problems = Vec::new();
+    let (method, method_choice) = choose_method(
+        cfg,
+        opts,
+        &mut leader,
+        refused.is_none(),
+        &mut problems,
+        reporter.as_ref(),
+    )
+    .await?;
+    let seg_size = replication::wal_segment_size(&mut leader).await?;
+    // Everything that can be found wrong before any work, in one report; settles the method
+    // and the workers.
+    let asked = crate::preflight::Asked {
+        conn: &mut leader,
+        refused,
+    };
+    let flight = crate::preflight::run(
+        cfg,
+        opts,
+        asked,
+        method,
+        seg_size,
+        problems,
+        reporter.as_ref(),
+    )
+    .await?;
     let sys = replication::identify_system(&mut leader).await?;
     tracing::info!(
         "system identifier {}, timeline {}",
         sys.system_identifier,
         sys.timeline
     );
-    let (method, method_choice) = choose_method(cfg, opts, &mut leader, reporter.as_ref()).await?;
-    let seg_size = replication::wal_segment_size(&mut leader).await?;
-    // Everything that can be found wrong before any work, in one report; settles the method
-    // and the workers.
-    let flight =
-        crate::preflight::run(cfg, opts, &mut leader, method, seg_size, reporter.as_ref()).await?;
     let method = flight.method;
     let cluster_mode = replication::show(&mut leader, "data_directory_mode")
         .await?
@@ -453,11 +482,15 @@ async fn backup(
 
 /// Resolves `--method`: the parallel commands when the server offers them, else the sql
 /// method when the role has its privileges, else the stream method. Returns the method and
-/// one line saying why; an automatic choice is announced with it.
+/// one line saying why; an automatic choice is announced with it (when `announce`: not for a
+/// leader refused its replication connection, whose pre-flight fails). The sql method's
+/// missing GRANTs, when it was asked for, go to `problems` for the pre-flight's report.
 async fn choose_method(
     cfg: &ConnConfig,
     opts: &BackupOptions,
     leader: &mut Connection,
+    announce: bool,
+    problems: &mut Vec<String>,
     reporter: &dyn Reporter,
 ) -> Result<(Method, String)> {
     let target = leader.target().to_string();
@@ -472,13 +505,24 @@ async fn choose_method(
     }
     if opts.method == MethodChoice::Sql {
         return match sql_method_privileges(cfg).await {
-            Ok(p) if p.sql_method() => Ok(asked(Method::Sql)),
-            Ok(p) => Err(Error::Failed(format!(
-                "--method sql: role {} on server {target} lacks privileges the sql method needs; \
-                 as a superuser, run: {}",
-                p.role,
-                p.grants().join(" ")
-            ))),
+            Ok(p) => {
+                // REPLICATION, when missing, is a problem of every method: the pre-flight
+                // names it on its own.
+                let grants: Vec<String> = p
+                    .grants()
+                    .into_iter()
+                    .filter(|g| !g.starts_with("ALTER ROLE"))
+                    .collect();
+                if !p.superuser && !grants.is_empty() {
+                    problems.push(format!(
+                        "--method sql: role {} on server {target} may not execute the functions \
+                         the sql method calls; as a superuser, run: {}",
+                        p.role,
+                        grants.join(" ")
+                    ));
+                }
+                Ok(asked(Method::Sql))
+            }
             Err(e) => Err(e.context("--method sql: checking the role's privileges")),
         };
     }
@@ -534,7 +578,7 @@ async fn choose_method(
             ),
         },
     };
-    if opts.method == MethodChoice::Auto {
+    if opts.method == MethodChoice::Auto && announce {
         reporter.notice(&choice.1);
     }
     Ok(choice)

@@ -489,6 +489,118 @@ fn a_target_too_small_is_refused_before_the_checkpoint_with_the_sizes() {
     );
 }
 
+/// A server and a role with everything wrong at once: one report names every problem, each
+/// with what to do, before anything is started on the server or written to the target.
+#[test]
+fn every_problem_is_found_before_any_work_in_one_report() {
+    let mut c = Cluster::new(Pg::V15);
+    c.pgbench_init(2);
+    // wal_level = minimal needs max_wal_senders = 0: two problems of the server.
+    c.restart_with("wal_level = minimal\nmax_wal_senders = 0\n");
+    let dir = scratch_dir();
+    // As root, a target too small too (an 8 MB tmpfs for a cluster of some 35 MB).
+    let small = crate::cluster::is_root().then(|| Tmpfs::mount(&dir.path().join("small"), 8));
+    let parent = small
+        .as_ref()
+        .map_or(dir.path().to_path_buf(), |t| t.0.clone());
+    let target = parent.join("backup");
+    let before = backups_started(&c);
+    // norepl_user: no REPLICATION, no EXECUTE on the sql method's functions.
+    let out = run(pgpar()
+        .args([
+            "backup",
+            "-c",
+            "fast",
+            "--method",
+            "sql",
+            "-S",
+            "no_such_slot",
+            "-D",
+        ])
+        .arg(&target)
+        .args(["-d", &c.conninfo("norepl_user")])
+        .env("PGPASSWORD", crate::cluster::password("norepl_user")));
+    // The replication connection was refused: exit 3, as for any connection refused.
+    out.assert_error(3);
+    let error = out.error_message();
+    let expected = [
+        "(1) role norepl_user may not open replication connections (it lacks the REPLICATION attribute)",
+        "ALTER ROLE norepl_user REPLICATION;",
+        "(2) --method sql: role norepl_user on server ",
+        "GRANT EXECUTE ON FUNCTION pg_catalog.pg_backup_start(text, boolean) TO norepl_user;",
+        "GRANT EXECUTE ON FUNCTION pg_catalog.pg_read_binary_file(text, bigint, bigint, boolean) TO norepl_user;",
+        "(3) wal_level is \"minimal\": set wal_level = replica",
+        "(4) the sql method needs 2 walsenders (the leader's replication connection, the WAL stream), but max_wal_senders is 0",
+        "raise max_wal_senders to at least 2",
+        "(5) replication slot \"no_such_slot\" does not exist: create it first, or add -C",
+    ];
+    for e in expected {
+        assert!(error.contains(e), "the report lacks {e:?}:\n{out}");
+    }
+    let count = if small.is_some() {
+        assert!(
+            error.contains("(6) the backup needs about ")
+                && error.contains(&format!("\"{}\", which has ", target.display()))
+                && error.contains("--no-space-check"),
+            "the report lacks the free space:\n{out}"
+        );
+        6
+    } else {
+        5
+    };
+    assert!(
+        error.contains(&format!(
+            "{count} problem(s) found before any work, nothing was started"
+        )),
+        "{out}"
+    );
+    assert!(!error.contains(&format!("({})", count + 1)), "{out}");
+    assert!(
+        !out.stderr.contains("pgpar: notice:"),
+        "a notice before a refusal:\n{out}"
+    );
+    nothing_started(&c, before, "every problem at once");
+    assert_eq!(
+        c.psql("SELECT count(*) FROM pg_stat_activity WHERE usename = 'norepl_user';")
+            .trim(),
+        "0",
+        "a session of the role was left"
+    );
+    assert!(!target.exists(), "{} was left", target.display());
+    if let Some(t) = &small {
+        assert_eq!(
+            std::fs::read_dir(&t.0).unwrap().count(),
+            0,
+            "left on the target"
+        );
+    }
+
+    // A walsender free, so the server itself refuses the role (42501), but too few for the
+    // backup: both in one report.
+    drop(small);
+    c.restart_with("max_wal_senders = 1\n");
+    let before = backups_started(&c);
+    let target = dir.path().join("backup");
+    let out = run(pgpar()
+        .args(["backup", "-c", "fast", "--method", "stream", "-D"])
+        .arg(&target)
+        .args(["-d", &c.conninfo("norepl_user")])
+        .env("PGPASSWORD", crate::cluster::password("norepl_user")));
+    out.assert_error(3);
+    let error = out.error_message();
+    assert!(
+        error.contains("2 problem(s) found before any work, nothing was started: (1) role norepl_user may not open replication connections")
+            && error.contains("ALTER ROLE norepl_user REPLICATION; (2) the stream method needs 2 walsenders (the backup stream, the WAL stream), but max_wal_senders is 1 (0 in use): raise max_wal_senders to at least 2"),
+        "{out}"
+    );
+    nothing_started(&c, before, "no REPLICATION, one walsender");
+    assert!(!target.exists(), "{} was left", target.display());
+    crate::util::fault_covered(
+        "everything wrong at once: a role without REPLICATION or the sql method's GRANTs, wal_level = minimal, max_wal_senders = 0, a -S slot that does not exist, a target too small; then a role without REPLICATION and max_wal_senders = 1",
+        "one report before any work naming each problem with what to do (ALTER ROLE, the GRANTs, the settings, the slot, the sizes); exit 3 (the replication connection was refused); nothing created on the server or the target",
+    );
+}
+
 /// A worker whose connection breaks mid-copy while another client takes the walsender it
 /// had: its reconnection is refused (every walsender taken), it leaves with a warning, and
 /// the other worker finishes its work.
