@@ -1,6 +1,6 @@
 //! What a backup leaves when it does not finish, and where tablespaces land (issue 11, item 1):
 //! a partial backup — pgpar killed mid-copy or while it waits for the end of WAL, or failing
-//! with `--no-clean` — never starts as a server, in either method; and `-T` naming an
+//! with `--no-clean` — never starts as a server, in any method; and `-T` naming an
 //! in-place tablespace (`allow_in_place_tablespaces`, `LOCATION ''`) leaves it inside the
 //! backup, as pg_basebackup does. (That in-place tablespaces land inside the backup at all is
 //! tested in `pipeline.rs`.)
@@ -25,12 +25,18 @@ struct Running {
 
 impl Running {
     /// `pgpar backup -c fast -P -D target -d <trust_user> method... extra...`, throttled by
-    /// the caller's `extra` so that the test has time to act mid-way.
+    /// the caller's `extra` so that the test has time to act mid-way. The sql method runs as
+    /// the superuser (trust_user may not execute its functions).
     fn start(c: &Cluster, target: &Path, method: &[&str], extra: &[&str]) -> Running {
+        let role = if method.contains(&"sql") {
+            "postgres"
+        } else {
+            "trust_user"
+        };
         let mut child = pgpar()
             .args(["backup", "-c", "fast", "-P", "-D"])
             .arg(target)
-            .args(["-d", &c.conninfo("trust_user")])
+            .args(["-d", &c.conninfo(role)])
             .args(method)
             .args(extra)
             .stdout(Stdio::null())
@@ -221,13 +227,15 @@ fn assert_never_starts(c: &Cluster, partial: &Path, moment: &str) -> String {
             log
         }
     };
-    // The rule that makes it so, from the first data file on: backup_label is there.
+    // The rule that makes it so, from the first data file on: backup_label is there (the
+    // server's, or, with the sql method until pg_backup_stop hands the server's over, a
+    // placeholder no server starts from).
     let label = label.unwrap_or_else(|e| {
         panic!("{moment}: no backup_label in the partial backup ({e}); it holds:\n{contents:?}")
     });
     assert!(
-        label.starts_with("START WAL LOCATION:"),
-        "{moment}: backup_label is not the server's:\n{label}"
+        label.starts_with("START WAL LOCATION:") || label.starts_with("INCOMPLETE BACKUP: "),
+        "{moment}: backup_label is neither the server's nor the sql method's placeholder:\n{label}"
     );
     log
 }
@@ -309,6 +317,15 @@ fn partial_stream_backup_of_pg17_never_starts() {
     partial_backups_never_start(Pg::V17, &["--method", "stream"]);
     crate::util::fault_covered(
         "pgpar killed (SIGKILL) mid-copy or while waiting for the end of WAL, stream method (17)",
+        "what is left refuses to start as a server",
+    );
+}
+
+#[test]
+fn partial_sql_backup_never_starts() {
+    partial_backups_never_start(Pg::V15, &["--method", "sql", "-j", "2"]);
+    crate::util::fault_covered(
+        "pgpar killed (SIGKILL) mid-copy or while waiting for the end of WAL, sql method (15)",
         "what is left refuses to start as a server",
     );
 }

@@ -250,7 +250,7 @@ fn a_broken_wal_stream_says_it_was_the_wal_stream() {
 }
 
 #[test]
-fn in_place_tablespaces_are_copied_inside_the_backup_by_both_methods() {
+fn in_place_tablespaces_are_copied_inside_the_backup_by_every_method() {
     let c = Cluster::new(Pg::V17);
     // pgpar runs from a directory of its own: nothing may be resolved against it.
     let cwd = scratch_dir();
@@ -268,13 +268,19 @@ fn in_place_tablespaces_are_copied_inside_the_backup_by_both_methods() {
         .trim()
         .to_string();
     let dir = scratch_dir();
-    for method in ["stream", "parallel"] {
+    for method in ["stream", "parallel", "sql"] {
         let target = dir.path().join(method);
+        // The sql method's functions: the superuser may execute them.
+        let role = if method == "sql" {
+            "postgres"
+        } else {
+            "trust_user"
+        };
         let out = run(pgpar()
             .current_dir(cwd.path())
             .args(["backup", "-c", "fast", "--method", method, "-D"])
             .arg(&target)
-            .args(["-d", &c.conninfo("trust_user")]));
+            .args(["-d", &c.conninfo(role)]));
         out.assert_success();
         let ts = target.join("pg_tblspc").join(&oid);
         let m = fs::symlink_metadata(&ts).unwrap();
@@ -297,7 +303,7 @@ fn in_place_tablespaces_are_copied_inside_the_backup_by_both_methods() {
     }
     crate::util::fault_covered(
         "an in-place tablespace (relative location under pg_tblspc)",
-        "copied inside -D by both methods, nothing written outside; restores with its rows",
+        "copied inside -D by every method (stream, parallel, sql), nothing written outside; restores with its rows",
     );
 }
 
