@@ -165,9 +165,24 @@ pub struct ConnConfig {
     pub ssl_versions: (u8, u8),
     /// Every keyword given explicitly (conninfo and options), for `primary_conninfo`.
     pub explicit: BTreeMap<String, String>,
+    /// Every keyword's value as libpq's `PQconninfo` reports it for this connection (given in
+    /// the string, by `-h`/`-p`/`-U` or a `PG*` variable, else libpq's default), in libpq's
+    /// order, for `-R`'s `primary_conninfo` (see [`crate::recovery`]).
+    pub in_use: Vec<InUse>,
     /// Server settings sent in the startup packet (the backup's own sessions set their
     /// timeouts to 0 here; empty unless the caller sets it).
     pub session_settings: Vec<(String, String)>,
+}
+
+/// One keyword of [`ConnConfig::in_use`].
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct InUse {
+    /// The libpq keyword.
+    pub keyword: &'static str,
+    /// Its value.
+    pub value: String,
+    /// Whether it is libpq's default (nothing gave it).
+    pub default: bool,
 }
 
 impl fmt::Debug for ConnConfig {
@@ -780,14 +795,112 @@ impl ConnConfig {
             .cloned()
             .filter(|p| !p.is_empty())
             .or_else(|| env.var("PGPASSWORD"));
+        // libpq's conn->pgpass: what the string or PGPASSWORD gave (a password from the
+        // password file is kept per host, and PQconninfo does not report it).
+        let given_password = password.clone().filter(|p| !p.is_empty());
+        // libpq names its default password file only when no password was given.
+        let mut passfile_in_use = get("passfile", "PGPASSFILE").map(|p| (p, false));
         if password.is_none() {
             let passfile = get("passfile", "PGPASSFILE")
                 .map(PathBuf::from)
                 .or_else(|| env.var("HOME").map(|h| Path::new(&h).join(".pgpass")));
+            if passfile_in_use.is_none() {
+                passfile_in_use = passfile.as_ref().map(|p| (p.display().to_string(), true));
+            }
             if let (Some(pf), Some(t)) = (passfile, targets.first()) {
                 password = pgpass_lookup(&pf, t, dbname.as_deref(), &user);
             }
         }
+        let mut in_use = Vec::new();
+        let mut add = |keyword: &'static str, v: Option<(String, bool)>| {
+            if let Some((value, default)) = v.filter(|(v, _)| !v.is_empty()) {
+                in_use.push(InUse {
+                    keyword,
+                    value,
+                    default,
+                });
+            }
+        };
+        // PQconninfoOptions' order (PostgreSQL 17's fe-connect.c), the keywords pgpar
+        // implements; the value given, else libpq's default.
+        let given = |k: &str, envname: &str, dflt: Option<&str>| {
+            get(k, envname)
+                .map(|v| (v, false))
+                .or_else(|| dflt.map(|d| (d.to_string(), true)))
+        };
+        add("user", Some((user.clone(), false)));
+        add("password", given_password.map(|p| (p, false)));
+        add("passfile", passfile_in_use);
+        add(
+            "channel_binding",
+            given("channel_binding", "PGCHANNELBINDING", Some("prefer")),
+        );
+        add(
+            "connect_timeout",
+            given("connect_timeout", "PGCONNECT_TIMEOUT", None),
+        );
+        add("host", given("host", "PGHOST", None));
+        add("hostaddr", given("hostaddr", "PGHOSTADDR", None));
+        add("port", given("port", "PGPORT", Some("5432")));
+        add(
+            "client_encoding",
+            given("client_encoding", "PGCLIENTENCODING", None),
+        );
+        add("options", given("options", "PGOPTIONS", None));
+        add(
+            "application_name",
+            given("application_name", "PGAPPNAME", None),
+        );
+        for k in [
+            "keepalives",
+            "keepalives_idle",
+            "keepalives_interval",
+            "keepalives_count",
+            "tcp_user_timeout",
+        ] {
+            add(k, given(k, "", None));
+        }
+        add("sslmode", given("sslmode", "PGSSLMODE", Some("prefer")));
+        add(
+            "sslnegotiation",
+            given("sslnegotiation", "PGSSLNEGOTIATION", Some("postgres")),
+        );
+        add(
+            "sslcompression",
+            given("sslcompression", "PGSSLCOMPRESSION", Some("0")),
+        );
+        add("sslcert", given("sslcert", "PGSSLCERT", None));
+        add("sslkey", given("sslkey", "PGSSLKEY", None));
+        add(
+            "sslcertmode",
+            given("sslcertmode", "PGSSLCERTMODE", Some("allow")),
+        );
+        add("sslrootcert", given("sslrootcert", "PGSSLROOTCERT", None));
+        add("sslsni", given("sslsni", "PGSSLSNI", Some("1")));
+        add(
+            "ssl_min_protocol_version",
+            given(
+                "ssl_min_protocol_version",
+                "PGSSLMINPROTOCOLVERSION",
+                Some("TLSv1.2"),
+            ),
+        );
+        add(
+            "ssl_max_protocol_version",
+            given("ssl_max_protocol_version", "PGSSLMAXPROTOCOLVERSION", None),
+        );
+        add(
+            "gssencmode",
+            given("gssencmode", "PGGSSENCMODE", Some("prefer")),
+        );
+        add(
+            "target_session_attrs",
+            given("target_session_attrs", "PGTARGETSESSIONATTRS", Some("any")),
+        );
+        add(
+            "load_balance_hosts",
+            given("load_balance_hosts", "PGLOADBALANCEHOSTS", Some("disable")),
+        );
         Ok(ConnConfig {
             targets,
             user,
@@ -807,6 +920,7 @@ impl ConnConfig {
             sslsni,
             ssl_versions,
             explicit,
+            in_use,
             session_settings: Vec::new(),
         })
     }

@@ -676,7 +676,7 @@ async fn frame<S: Source>(
         }
     }
     if s.opts.write_recovery_conf {
-        let settings = crate::recovery::settings(s.cfg, s.opts.slot.as_deref());
+        let settings = crate::recovery::settings(s.cfg, s.opts.slot.as_deref(), s.version);
         sink.append("postgresql.auto.conf", settings.as_bytes())?;
         sink.put("standby.signal", b"")?;
     }

@@ -350,3 +350,115 @@ fn client_certificate_login_with_cert_auth() {
         "no certificate: the server's refusal, exit 3; open key: refused with libpq's permission message",
     );
 }
+
+/// `-R` writes the connection's libpq keywords into `primary_conninfo` as pg_basebackup
+/// does (PQconninfo: what was given, and libpq's defaults), and the standby connects with
+/// them: over TLS verified against the CA, with the keepalives and application name given.
+#[test]
+fn recovery_conninfo_carries_the_connection_settings_and_the_standby_streams() {
+    let c = Cluster::new(Pg::V15);
+    assert!(c.tls, "the PostgreSQL 15 build has TLS");
+    c.psql("CREATE TABLE t AS SELECT generate_series(1, 100) g;");
+    // ssl_user: hostssl rows only, SCRAM: the standby must use TLS and the password.
+    let conninfo = format!(
+        "host=localhost port={} user=ssl_user sslmode=verify-full sslrootcert={} \
+         keepalives_idle=7 keepalives_interval=3 application_name=pgpar_standby",
+        c.port,
+        c.ca_cert.display()
+    );
+    let dir = crate::cluster::scratch_dir();
+    let target = dir.path().join("standby");
+    let out = run(pgpar()
+        .args(["backup", "-c", "fast", "--method", "stream", "-R", "-D"])
+        .arg(&target)
+        .args(["-d", &conninfo])
+        .env("PGPASSWORD", password("ssl_user")));
+    out.assert_success();
+    let auto = fs::read_to_string(target.join("postgresql.auto.conf")).unwrap();
+    let line = auto
+        .lines()
+        .find_map(|l| l.strip_prefix("primary_conninfo = '"))
+        .and_then(|l| l.strip_suffix('\''))
+        .unwrap_or_else(|| panic!("no primary_conninfo:\n{auto}"));
+    let ca = c.ca_cert.display().to_string();
+    let expected = format!(
+        "user=ssl_user password={pw} channel_binding=prefer host=localhost port={port} \
+         application_name=pgpar_standby keepalives_idle=7 keepalives_interval=3 \
+         sslmode=''verify-full'' sslcompression=0 sslrootcert=''{ca}'' sslsni=1 \
+         ssl_min_protocol_version=TLSv1.2 gssencmode=prefer target_session_attrs=any",
+        pw = password("ssl_user"),
+        port = c.port,
+    );
+    assert_eq!(line, expected, "in:\n{auto}");
+
+    // pg_basebackup, same connection and environment, writes the same, but for the keywords
+    // pgpar leaves out on purpose (GSSAPI ones it does not implement; defaults of keywords a
+    // PostgreSQL 15 libpq would not know, when this libpq is newer).
+    let pgb = dir.path().join("pg_basebackup");
+    run_ok(
+        Command::new(c.bindir.join("pg_basebackup"))
+            .args(["-c", "fast", "-R", "-D"])
+            .arg(&pgb)
+            .args(["-d", &conninfo])
+            .env("PGPASSWORD", password("ssl_user"))
+            .env("HOME", dir.path()),
+    );
+    let theirs = fs::read_to_string(pgb.join("postgresql.auto.conf")).unwrap();
+    let theirs = theirs
+        .lines()
+        .find_map(|l| l.strip_prefix("primary_conninfo = '"))
+        .and_then(|l| l.strip_suffix('\''))
+        .unwrap_or_else(|| panic!("pg_basebackup wrote no primary_conninfo:\n{theirs}"));
+    let left_out = [
+        "krbsrvname=",
+        "gssdelegation=",
+        "sslcertmode=allow",
+        "sslnegotiation=postgres",
+        "load_balance_hosts=disable",
+    ];
+    let theirs: Vec<&str> = theirs
+        .split(' ')
+        .filter(|kv| !left_out.iter().any(|o| kv.starts_with(o)))
+        .collect();
+    assert_eq!(line, theirs.join(" "), "pgpar's against pg_basebackup's");
+
+    // The standby starts and streams from the primary with those settings.
+    let standby = c.start_backup_copy(&target);
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(60);
+    let receiver = loop {
+        let r = standby.psql("SELECT status, conninfo FROM pg_stat_wal_receiver;");
+        if r.starts_with("streaming|") {
+            break r;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "the standby's WAL receiver is not streaming: {r:?}"
+        );
+        std::thread::sleep(std::time::Duration::from_millis(200));
+    };
+    for kv in [
+        "keepalives_idle=7",
+        "keepalives_interval=3",
+        "sslmode=verify-full",
+        "application_name=pgpar_standby",
+    ] {
+        assert!(receiver.contains(kv), "{kv} not in use: {receiver}");
+    }
+    assert_eq!(
+        c.psql(
+            "SELECT s.ssl FROM pg_stat_replication r JOIN pg_stat_ssl s USING (pid) \
+             WHERE r.application_name = 'pgpar_standby' AND r.usename = 'ssl_user';"
+        )
+        .trim(),
+        "t",
+        "the standby's connection is not the TLS one primary_conninfo describes"
+    );
+    c.psql("INSERT INTO t VALUES (101);");
+    while standby.psql("SELECT count(*) FROM t;").trim() != "101" {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "the standby does not replay the primary's new rows"
+        );
+        std::thread::sleep(std::time::Duration::from_millis(200));
+    }
+}
