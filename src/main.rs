@@ -161,7 +161,11 @@ struct BackupArgs {
     #[arg(short = 'r', long, value_name = "RATE")]
     max_rate: Option<String>,
     /// A connection that delivers nothing for this many seconds is taken for stalled: a
-    /// worker's ranges are fetched again elsewhere, anything else ends the backup.
+    /// worker's ranges are fetched again elsewhere, anything else (the leader's file list
+    /// and pg_control, the stream method's connection, the WAL stream) ends the backup. The
+    /// wait for the start checkpoint is not bounded (a spread checkpoint is rightly silent
+    /// for minutes): there TCP keepalives find a peer that is gone, and the WAL stream's
+    /// detector a server that stopped answering.
     #[arg(long, value_name = "SECONDS", default_value_t = pgpar::options::DEFAULT_STALL_TIMEOUT)]
     stall_timeout: u64,
     /// Do not compare the size of the backup with the free space of the target first.

@@ -183,6 +183,9 @@ pub struct Connection {
     tls: bool,
     /// Whether authentication ran SCRAM-SHA-256-PLUS (for channel_binding=require).
     channel_bound: bool,
+    /// A read that waits longer than this for any byte fails the connection as stalled
+    /// ([`Connection::set_read_limit`]).
+    read_limit: Option<std::time::Duration>,
 }
 
 impl std::fmt::Debug for Connection {
@@ -339,6 +342,7 @@ impl Connection {
             backend_pid: 0,
             tls,
             channel_bound: false,
+            read_limit: None,
         };
         match conn.startup(cfg, repl, endpoint).await {
             Ok(()) => Ok(conn),
@@ -395,6 +399,15 @@ impl Connection {
         })
     }
 
+    /// Bounds every wait for the server's next bytes from now on (`None`: unbounded, the
+    /// default): a server that sends nothing for `limit` while pgpar waits for its answer
+    /// breaks the connection with an error naming `--stall-timeout`. For commands whose
+    /// answer flows without long pauses (a file list), not for one that may rightly think
+    /// for minutes (a spread checkpoint).
+    pub fn set_read_limit(&mut self, limit: Option<std::time::Duration>) {
+        self.read_limit = limit;
+    }
+
     /// Reads one backend message. Cancel-safe.
     async fn read_message(&mut self) -> Result<BackendMessage> {
         loop {
@@ -404,7 +417,25 @@ impl Connection {
             if self.rbuf.capacity() - self.rbuf.len() < READ_CHUNK / 4 {
                 self.rbuf.reserve(READ_CHUNK);
             }
-            match self.stream.read_buf(&mut self.rbuf).await {
+            let read = self.stream.read_buf(&mut self.rbuf);
+            let res = match self.read_limit {
+                None => read.await,
+                Some(limit) => match tokio::time::timeout(limit, read).await {
+                    Ok(r) => r,
+                    Err(_) => {
+                        self.state = State::Broken;
+                        return Err(Error::ConnectionLost {
+                            target: self.target.clone(),
+                            reason: format!(
+                                "the server sent nothing for {} s: its backend or the network is stalled (--stall-timeout {})",
+                                limit.as_secs(),
+                                limit.as_secs()
+                            ),
+                        });
+                    }
+                },
+            };
+            match res {
                 Ok(0) => {
                     self.state = State::Broken;
                     return Err(Error::ConnectionLost {

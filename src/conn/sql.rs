@@ -50,6 +50,11 @@ impl SqlSession {
         })
     }
 
+    /// See [`Connection::set_read_limit`].
+    pub fn set_read_limit(&mut self, limit: Option<std::time::Duration>) {
+        self.conn.set_read_limit(limit);
+    }
+
     /// `host port N` or the socket path, for messages.
     pub fn target(&self) -> &str {
         self.conn.target()

@@ -70,7 +70,12 @@ impl Source for ParallelSource {
         sink: &Arc<PlainDir>,
     ) -> Result<Copied> {
         let backup_id = self.info()?.backup_id.clone();
-        let files = send_file_list(leader, &backup_id).await?;
+        // The list flows as the server walks the directories: silence is a stall.
+        leader.set_read_limit(Some(s.opts.stall_timeout));
+        let files = send_file_list(leader, &backup_id)
+            .await
+            .map_err(|e| e.context("leader"))?;
+        leader.set_read_limit(None);
         let copy = Ranged::prepare(s, &files, sink, leader.target().to_string(), || {
             Error::Protocol("SEND_FILE_LIST did not list global/pg_control".into())
         })?;

@@ -259,10 +259,13 @@ impl SqlSource {
     async fn list(&mut self, s: &Session<'_>) -> Result<Vec<FileEntry>> {
         let prune = format!("{{{}}}", EXCLUDED_DIR_CONTENTS.join(","));
         let leader = self.leader()?;
+        // Rows come as the query walks the directories: silence is a stall.
+        leader.set_read_limit(Some(s.opts.stall_timeout));
         let rows = leader
             .query(LIST_SQL, &[&prune])
             .await
             .map_err(|e| e.context("leader: listing the data directory"))?;
+        leader.set_read_limit(None);
         let mut listed = Vec::with_capacity(rows.len());
         for r in rows {
             listed.push(Listed {

@@ -330,6 +330,107 @@ fn a_stalled_walsender_never_hangs_the_backup() {
     );
 }
 
+/// The leader's backend stopped (SIGSTOP) as soon as the backup has started, so that the
+/// file list (SEND_FILE_LIST; the sql method's listing query) never comes, or stops half-way:
+/// the backup ends after `--stall-timeout` with one message naming the leader, the step and
+/// the setting, and nothing is left.
+#[test]
+fn a_leader_stalled_while_the_files_are_listed_ends_the_backup_naming_it() {
+    let c = Cluster::new(Pg::V17);
+    // Many small files, so that the listing lasts well beyond the moment the leader is
+    // stopped (the list is read as it comes).
+    let many = c.data.join("pgpar_many_files");
+    std::fs::create_dir(&many).unwrap();
+    for i in 0..40_000 {
+        std::fs::write(many.join(format!("f{i}")), b"x").unwrap();
+    }
+    if crate::cluster::is_root() {
+        crate::cluster::run_ok(
+            Command::new("chown")
+                .args(["-R", "postgres:postgres"])
+                .arg(&many),
+        );
+    }
+    for (method, leader, says) in [
+        (
+            "parallel",
+            // The leader connects first, before the WAL stream.
+            "backend_type = 'walsender' AND application_name = 'pgpar' \
+             AND EXISTS (SELECT 1 FROM pg_stat_activity WHERE query LIKE 'START_REPLICATION%') \
+             ORDER BY backend_start",
+            "leader: SEND_FILE_LIST failed: ",
+        ),
+        (
+            "sql",
+            "application_name = 'pgpar sql leader'",
+            "leader: listing the data directory: ",
+        ),
+    ] {
+        let dir = scratch_dir();
+        let target = dir.path().join("backup");
+        let done = std::sync::atomic::AtomicBool::new(false);
+        let (out, stopped) = std::thread::scope(|sc| {
+            let stopper = sc.spawn(|| {
+                let began = std::time::Instant::now();
+                let limit = std::time::Duration::from_secs(120);
+                let pid = loop {
+                    if done.load(std::sync::atomic::Ordering::SeqCst) || began.elapsed() > limit {
+                        return false;
+                    }
+                    let pid = c.psql(&format!(
+                        "SELECT pid FROM pg_stat_activity WHERE {leader} LIMIT 1;"
+                    ));
+                    if let Ok(pid) = pid.trim().parse::<i32>() {
+                        break pid;
+                    }
+                    std::thread::sleep(std::time::Duration::from_millis(10));
+                };
+                // backup_label is written (and made durable) right after the start, before
+                // the list is asked for.
+                while !target.join("backup_label").exists() {
+                    if done.load(std::sync::atomic::Ordering::SeqCst) || began.elapsed() > limit {
+                        return false;
+                    }
+                    std::thread::sleep(std::time::Duration::from_micros(200));
+                }
+                signal(&pid.to_string(), "STOP");
+                while !done.load(std::sync::atomic::Ordering::SeqCst) && began.elapsed() < limit {
+                    std::thread::sleep(std::time::Duration::from_millis(50));
+                }
+                signal(&pid.to_string(), "CONT");
+                true
+            });
+            let out = backup(
+                &c,
+                &target,
+                &["--method", method, "-j", "2", "--stall-timeout", "5"],
+            );
+            done.store(true, std::sync::atomic::Ordering::SeqCst);
+            (out, stopper.join().unwrap())
+        });
+        assert!(stopped, "{method}: the leader was not stopped:\n{out}");
+        out.assert_error(1);
+        let error = out.error_message();
+        assert!(
+            error.starts_with(says)
+                && error.contains("sent nothing for 5 s")
+                && error.contains("(--stall-timeout 5)"),
+            "{method}: {error}"
+        );
+        assert!(out.seconds < 60.0, "{method}: took {} s", out.seconds);
+        assert!(!target.exists(), "{method}: {} was left", target.display());
+    }
+    assert_eq!(
+        c.psql("SELECT count(*) FROM pg_replication_slots;").trim(),
+        "0",
+        "a slot was left"
+    );
+    crate::util::fault_covered(
+        "the leader's backend stopped (SIGSTOP) while the files are listed (SEND_FILE_LIST; the sql method's listing query)",
+        "exit 1 after --stall-timeout with one message naming the leader, the step and the setting; nothing left",
+    );
+}
+
 /// How often the server log shows a replication command starting a backup.
 fn backups_started(c: &Cluster) -> usize {
     let log = c.server_log();
