@@ -1,7 +1,8 @@
 //! Pre-flight: what can be found wrong before the backup asks the server for any work (no
 //! slot, no checkpoint, nothing written but the empty target directory), all of it in one
 //! report: the role's rights (the REPLICATION attribute every method needs; with `--method
-//! sql`, EXECUTE on the functions [`crate::privileges`] names), `wal_level`, the walsenders
+//! sql`, EXECUTE on the functions [`crate::privileges`] names, and sessions that may connect;
+//! the session's method choice finds those), `wal_level`, the walsenders
 //! the method needs (and, without `-j`, how many workers fit), the replication slots, the
 //! `-S` slot, and the size of the cluster against the free space of every target file
 //! system. It also settles the method and the number of workers.

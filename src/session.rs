@@ -523,7 +523,16 @@ async fn choose_method(
                 }
                 Ok(asked(Method::Sql))
             }
-            Err(e) => Err(e.context("--method sql: checking the role's privileges")),
+            // Its sessions cannot connect at all: that too goes in the one report.
+            Err(e) => {
+                let mut p =
+                    format!("--method sql: the sql method's SQL sessions cannot connect: {e}");
+                if let Some(h) = e.hint() {
+                    p.push_str(&format!(" ({h})"));
+                }
+                problems.push(p);
+                Ok(asked(Method::Sql))
+            }
         };
     }
     let offered = crate::check::parallel_protocol(leader).await?;
