@@ -531,7 +531,7 @@ fn a_target_too_small_is_refused_before_the_checkpoint_with_the_sizes() {
     c.pgbench_init(2);
     let dir = scratch_dir();
     let small = Tmpfs::mount(&dir.path().join("small"), 8);
-    for method in ["parallel", "stream"] {
+    for method in ["parallel", "stream", "sql"] {
         let before = backups_started(&c);
         let target = small.0.join("backup");
         let out = backup(&c, &target, &["--method", method]);
@@ -586,7 +586,7 @@ fn a_target_too_small_is_refused_before_the_checkpoint_with_the_sizes() {
     );
     crate::util::fault_covered(
         "a target filesystem too small for the backup (8 MB tmpfs)",
-        "refused before the checkpoint with the sizes, nothing created on the server or the target; --no-space-check fails cleanly on the full disk",
+        "refused before the checkpoint with the sizes (parallel, stream and sql methods), nothing created on the server or the target; --no-space-check fails cleanly on the full disk",
     );
 }
 
