@@ -45,11 +45,13 @@ fn backup_with_fast_shutdown(c: &Cluster, method: &str) -> Out {
     // (exit 3), which is another fault than this one.
     let walsenders = if method == "parallel" { 4 } else { 2 };
     let mut cmd = pgpar();
-    cmd.args(["backup", "-c", "fast", "--method", method, "-j", "2", "-r", "2M", "-D"])
-        .arg(&target)
-        .args(["-d", &c.conninfo("trust_user")])
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped());
+    cmd.args([
+        "backup", "-c", "fast", "--method", method, "-j", "2", "-r", "2M", "-D",
+    ])
+    .arg(&target)
+    .args(["-d", &c.conninfo("trust_user")])
+    .stdout(Stdio::piped())
+    .stderr(Stdio::piped());
     let cmdline = format!("{cmd:?} (then pg_ctl stop -m fast)");
     let started = Instant::now();
     let child = cmd.spawn().expect("start pgpar");
