@@ -765,18 +765,22 @@ fn build_manifest(
 /// manifest (as pg_basebackup does), the damaged files are named where the method knows
 /// them, and the backup fails with [`Error::DataChecksums`].
 async fn damaged(s: &Session<'_>, sink: &Arc<PlainDir>, d: Damage) -> Error {
-    let what = match d {
+    let (what, server_said) = match d {
         Damage::Files { lines, pages } => {
             for l in &lines {
                 s.reporter
                     .warning(&format!("data checksum verification failed in {l}"));
             }
-            format!(
+            let what = format!(
                 "{pages} data page(s) in {} file(s) (listed above)",
                 lines.len()
-            )
+            );
+            (what, String::new())
         }
-        Damage::Reported(msg) => format!("data pages ({msg}; the server's warnings name them)"),
+        Damage::Reported(msg) => (
+            "data pages named in the server's warnings above".to_string(),
+            format!("; the server ended with: {msg}"),
+        ),
     };
     let sync = s.opts.sync;
     let fin = sink.clone();
@@ -784,7 +788,7 @@ async fn damaged(s: &Session<'_>, sink: &Arc<PlainDir>, d: Damage) -> Error {
     match synced {
         Ok(Ok(())) => Error::DataChecksums(format!(
             "{what} failed checksum verification: the source cluster is damaged \
-             (use --no-verify-checksums to take the backup anyway)"
+             (use --no-verify-checksums to take the backup anyway){server_said}"
         )),
         Ok(Err(e)) => e,
         Err(e) => Error::Failed(format!("sync task failed: {e}")),

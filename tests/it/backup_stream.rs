@@ -655,28 +655,53 @@ pub(crate) fn damaged_table(c: &Cluster, block: usize) -> String {
     rel
 }
 
-#[test]
-fn page_checksum_failure_fails_the_backup_unless_told_not_to_verify() {
-    let c = Cluster::new(Pg::V15);
-    damaged_table(&c, 1);
-
+/// Checks a backup of a cluster with [`damaged_table`]: the run fails, its stderr names the
+/// damaged file and block as `named` (pgpar's own page check and the server's warning word it
+/// differently), nothing looks finished and the files stay for inspection; a second backup
+/// with `--no-verify-checksums` succeeds and passes `pg_verifybackup`. Returns that second
+/// run for the method's own checks.
+pub(crate) fn damaged_page_refused_unless_told_not_to_verify(
+    c: &Cluster,
+    rel: &str,
+    named: &str,
+    backup: impl Fn(&Path, &[&str]) -> Out,
+) -> Out {
     let dir = scratch_dir();
     let target = dir.path().join("verified");
-    let out = backup(&c, &target, &[]);
+    let out = backup(&target, &[]);
     out.assert_error(1);
     assert!(
         out.error_message().contains("checksum"),
         "the error does not mention the checksum failure:\n{out}"
     );
     assert!(
+        out.stderr.contains(named),
+        "the damaged block is not named ({named}):\n{out}"
+    );
+    assert!(
         !target.join("backup_manifest").exists(),
         "a backup with a checksum failure looks finished:\n{out}"
     );
+    assert!(
+        target.join(rel).is_file(),
+        "the files were not kept for inspection:\n{out}"
+    );
 
     let target = dir.path().join("unverified");
-    let out = backup(&c, &target, &["--no-verify-checksums"]);
+    let out = backup(&target, &["--no-verify-checksums"]);
     out.assert_success();
     c.pg_verifybackup(&target);
+    out
+}
+
+#[test]
+fn page_checksum_failure_fails_the_backup_unless_told_not_to_verify() {
+    let c = Cluster::new(Pg::V15);
+    let rel = damaged_table(&c, 1);
+    let named = format!("checksum verification failed in file \"./{rel}\", block 1:");
+    damaged_page_refused_unless_told_not_to_verify(&c, &rel, &named, |target, extra| {
+        backup(&c, target, extra)
+    });
     crate::util::fault_covered(
         "a damaged data page (checksum failure), stream method",
         "exit 1 mentioning the checksum, no manifest; --no-verify-checksums backs it up",

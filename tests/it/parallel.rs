@@ -10,7 +10,8 @@ use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
 use crate::backup_stream::{
-    assert_backup_restores, backup_under_load_is_consistent, damaged_table, load_extras, snapshot,
+    assert_backup_restores, backup_under_load_is_consistent,
+    damaged_page_refused_unless_told_not_to_verify, damaged_table, load_extras, snapshot,
 };
 use crate::cluster::{give_to_server_user, run_ok, scratch_dir, Cluster, Pg};
 use crate::util::{pgpar, run, Out};
@@ -459,29 +460,11 @@ fn peak_memory_stays_bounded_at_8_jobs() {
 fn page_checksum_failure_keeps_files_without_a_manifest() {
     let c = Cluster::new(Pg::V17);
     let rel = damaged_table(&c, 2);
-
-    let dir = scratch_dir();
-    let target = dir.path().join("verified");
-    let out = pbackup(&c, &target, &["-j", "2"]);
-    out.assert_error(1);
-    assert!(out.error_message().contains("checksum"), "{out}");
-    assert!(
-        out.stderr
-            .contains(&format!("\"{rel}\": 1 page(s), blocks 2")),
-        "the damaged block is not named:\n{out}"
-    );
-    assert!(
-        !target.join("backup_manifest").exists(),
-        "a damaged backup looks finished:\n{out}"
-    );
-    assert!(
-        target.join(&rel).is_file(),
-        "the files were not kept for inspection:\n{out}"
-    );
-
-    let target = dir.path().join("unverified");
-    pbackup(&c, &target, &["-j", "2", "--no-verify-checksums"]).assert_success();
-    c.pg_verifybackup(&target);
+    let named = format!("\"{rel}\": 1 page(s), blocks 2");
+    let out = damaged_page_refused_unless_told_not_to_verify(&c, &rel, &named, |target, extra| {
+        pbackup(&c, target, &[&["-j", "2"][..], extra].concat())
+    });
+    assert_eq!(out.json()["method"].as_str(), Some("parallel"), "{out}");
     crate::util::fault_covered(
         "a damaged data page (checksum failure), parallel method",
         "exit 1, files kept without a manifest",

@@ -16,7 +16,8 @@ use std::process::Stdio;
 use std::time::{Duration, Instant};
 
 use crate::backup_stream::{
-    assert_backup_restores, backup_under_load_is_consistent, damaged_table, load_extras, snapshot,
+    assert_backup_restores, backup_under_load_is_consistent,
+    damaged_page_refused_unless_told_not_to_verify, damaged_table, load_extras, snapshot,
 };
 use crate::cluster::{give_to_server_user, scratch_dir, Cluster, Pg};
 use crate::util::{pgpar, run, Out};
@@ -557,24 +558,11 @@ fn killed_worker_session_is_retried_and_the_backup_completes() {
 fn damaged_page_is_found_on_the_client_unless_told_not_to_verify() {
     let c = Cluster::new(Pg::V15);
     let rel = damaged_table(&c, 2);
-    let dir = scratch_dir();
-    let target = dir.path().join("verified");
-    let out = sbackup(&c, &target, &["-j", "2"]);
-    out.assert_error(1);
-    assert!(out.error_message().contains("checksum"), "{out}");
-    assert!(
-        out.stderr
-            .contains(&format!("\"{rel}\": 1 page(s), blocks 2")),
-        "the damaged block is not named:\n{out}"
-    );
-    assert!(
-        !target.join("backup_manifest").exists(),
-        "a damaged backup looks finished:\n{out}"
-    );
-    let target = dir.path().join("unverified");
-    let out = sbackup(&c, &target, &["-j", "2", "--no-verify-checksums"]);
+    let named = format!("\"{rel}\": 1 page(s), blocks 2");
+    let out = damaged_page_refused_unless_told_not_to_verify(&c, &rel, &named, |target, extra| {
+        sbackup(&c, target, &[&["-j", "2"][..], extra].concat())
+    });
     assert_sql_method(&out, 2);
-    c.pg_verifybackup(&target);
     crate::util::fault_covered(
         "a damaged data page (checksum failure), sql method",
         "reported with its file and block from the client's own page check; --no-verify-checksums backs it up and it verifies",
