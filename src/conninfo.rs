@@ -691,10 +691,14 @@ impl ConnConfig {
             };
         match get("client_encoding", "PGCLIENTENCODING") {
             None => {}
-            Some(v) if ["utf8", "utf-8", "unicode"].contains(&v.to_ascii_lowercase().as_str()) => {}
+            // pgpar sets client_encoding SQL_ASCII (names as bytes, see conn/auth.rs) and
+            // prints UTF-8; these ask for nothing else.
+            Some(v)
+                if ["utf8", "utf-8", "unicode", "sql_ascii"]
+                    .contains(&v.to_ascii_lowercase().as_str()) => {}
             Some(v) => {
                 return Err(Error::Usage(format!(
-                    "client_encoding \"{v}\" is not supported: pgpar always talks UTF8 to the server (file names and messages are converted by the server)"
+                    "client_encoding \"{v}\" is not supported: pgpar takes file names from the server as bytes, unconverted (it sets client_encoding SQL_ASCII), and prints UTF-8; leave client_encoding unset"
                 )))
             }
         }
@@ -1206,7 +1210,10 @@ mod tests {
                 "\"require_auth\" is not supported by pgpar",
             ),
             ("service=foo", "\"service\" is not supported"),
-            ("client_encoding=LATIN1", "always talks UTF8"),
+            (
+                "client_encoding=LATIN1",
+                "takes file names from the server as bytes",
+            ),
             ("gssencmode=require", "no GSSAPI support"),
             ("ssl_max_protocol_version=TLSv1.1", "TLS 1.2 and 1.3 only"),
             (

@@ -24,6 +24,7 @@ pub mod privileges;
 pub mod progress;
 pub mod protocol;
 pub mod recovery;
+pub mod relpath;
 pub mod replication;
 pub mod session;
 pub mod sink;

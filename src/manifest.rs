@@ -260,6 +260,13 @@ mod tests {
         m.add_file(b"PG_VERSION", 3, 0, &crc32c_bytes(crc32c::crc32c(b"17\n")));
         m.add_file(b"a\"b", 0, 0, &crc32c_bytes(0));
         m.add_file(&[0xff, 0x41], 1, 0, &crc32c_bytes(0));
+        // What PostgreSQL's pg_verify_mbstr(PG_UTF8) refuses is hex too: a Latin-1 name, a
+        // surrogate, an overlong form, a code point past U+10FFFF; valid UTF-8 stays text.
+        m.add_file(b"caf\xe9", 1, 0, &crc32c_bytes(0));
+        m.add_file(b"\xed\xa0\x80", 1, 0, &crc32c_bytes(0));
+        m.add_file(b"\xc0\xaf", 1, 0, &crc32c_bytes(0));
+        m.add_file(b"\xf4\x90\x80\x80", 1, 0, &crc32c_bytes(0));
+        m.add_file("café/\u{10ffff}".as_bytes(), 1, 0, &crc32c_bytes(0));
         let text = String::from_utf8(m.finish(&[WalRange {
             timeline: 1,
             start: Lsn(0x28),
@@ -271,6 +278,13 @@ mod tests {
         ));
         assert!(text.contains("\"Path\": \"a\\\"b\""));
         assert!(text.contains("\"Encoded-Path\": \"ff41\""));
+        for hex in ["636166e9", "eda080", "c0af", "f4908080"] {
+            assert!(
+                text.contains(&format!("{{ \"Encoded-Path\": \"{hex}\", \"Size\": 1, ")),
+                "{hex}"
+            );
+        }
+        assert!(text.contains("{ \"Path\": \"café/\u{10ffff}\", \"Size\": 1, "));
         assert!(text.contains("\n],\n\"WAL-Ranges\": [\n{ \"Timeline\": 1, \"Start-LSN\": \"0/28\", \"End-LSN\": \"0/100\" }\n],\n\"Manifest-Checksum\": \""));
         let cut = text.rfind("\"Manifest-Checksum\"").unwrap();
         let want = hex(&Sha256::digest(&text.as_bytes()[..cut]));

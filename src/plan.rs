@@ -147,7 +147,14 @@ pub fn plan(files: &[FileEntry], cfg: PlanConfig) -> Plan {
     units.sort_by_key(|u| std::cmp::Reverse(u.bytes));
     p.total_bytes += units.iter().map(|u| u.bytes).sum::<u64>();
     // Parents before children whatever order the server listed them in.
-    p.dirs.sort_by_key(|&i| files[i].path.matches('/').count());
+    p.dirs.sort_by_key(|&i| {
+        files[i]
+            .path
+            .as_bytes()
+            .iter()
+            .filter(|&&c| c == b'/')
+            .count()
+    });
     p.units = units.into();
     p
 }

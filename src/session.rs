@@ -179,7 +179,7 @@ pub(crate) struct Started {
 
 /// One file of a manifest the client builds.
 pub(crate) struct ManifestFile {
-    pub path: String,
+    pub path: crate::relpath::RelPath,
     pub size: u64,
     pub mtime: i64,
     pub checksum: Vec<u8>,
@@ -820,10 +820,8 @@ fn prepare_tablespaces(
     for t in tablespaces {
         let loc = Path::new(&t.location);
         if !loc.is_absolute() {
-            let d = s
-                .opts
-                .dir
-                .join(crate::sink::plain::safe_relative(&t.location)?);
+            let rel = crate::relpath::RelPath::from(t.location.as_str());
+            let d = s.opts.dir.join(crate::sink::plain::safe_relative(&rel)?);
             std::fs::DirBuilder::new()
                 .recursive(true)
                 .create(&d)

@@ -54,7 +54,10 @@ impl Connection {
             }
         }
         params.push(("application_name", &cfg.application_name));
-        params.push(("client_encoding", "UTF8"));
+        // File names are bytes, not text: with SQL_ASCII the server converts nothing either
+        // way (it only refuses a zero byte), so a name that is not valid UTF-8 arrives, and
+        // goes back in a command, as it is on disk. See protocol-notes/client.md.
+        params.push(("client_encoding", "SQL_ASCII"));
         if let Some(o) = cfg.options.as_deref() {
             params.push(("options", o));
         }

@@ -457,14 +457,28 @@ impl Connection {
 
     /// Sends a simple query. Follow with [`Connection::next_event`] until it returns `None`.
     pub async fn start_query(&mut self, sql: &str) -> Result<()> {
+        self.start_query_bytes(sql.as_bytes()).await
+    }
+
+    /// [`Connection::start_query`] with a command that is bytes, not text (file names as
+    /// the server has them; the server converts nothing: client_encoding is SQL_ASCII).
+    pub async fn start_query_bytes(&mut self, sql: &[u8]) -> Result<()> {
         if self.state != State::Idle {
             return Err(Error::Protocol(format!(
                 "a new query was started while the connection was {}",
                 self.state.describe()
             )));
         }
-        tracing::debug!(target: "pgpar::sql", conn = %self.target, "{}", redact(sql));
-        frontend::query(sql, &mut self.wbuf).map_err(|e| Error::Protocol(e.to_string()))?;
+        if sql.contains(&0) {
+            return Err(Error::Protocol("a command cannot hold a zero byte".into()));
+        }
+        tracing::debug!(target: "pgpar::sql", conn = %self.target, "{}", redact(&String::from_utf8_lossy(sql)));
+        let len = i32::try_from(sql.len() + 5)
+            .map_err(|_| Error::Protocol("a command over 2 GiB cannot be sent".into()))?;
+        self.wbuf.extend_from_slice(b"Q");
+        self.wbuf.extend_from_slice(&len.to_be_bytes());
+        self.wbuf.extend_from_slice(sql);
+        self.wbuf.extend_from_slice(&[0]);
         self.flush_writes().await?;
         self.state = State::Query;
         Ok(())

@@ -65,6 +65,15 @@ impl SqlSession {
         self.conn.backend_pid()
     }
 
+    /// The database's encoding (the server's `server_encoding`, `SQL_ASCII` if it did not
+    /// say).
+    pub fn server_encoding(&self) -> String {
+        self.conn
+            .parameter("server_encoding")
+            .unwrap_or("SQL_ASCII")
+            .to_string()
+    }
+
     /// The server's version number, e.g. 150018.
     pub fn server_version_num(&self) -> Option<u32> {
         self.conn.server_version_num()

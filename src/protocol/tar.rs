@@ -6,6 +6,7 @@
 //! callback, so the sink never sees tar framing.
 
 use crate::error::{Error, Result};
+use crate::relpath::RelPath;
 
 /// Kind of a tar member.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -21,8 +22,9 @@ pub enum EntryKind {
 /// A member's header.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Entry {
-    /// Path inside the archive, without a trailing slash.
-    pub path: String,
+    /// Path inside the archive, without a trailing slash: the name's bytes as the server
+    /// has them (not necessarily UTF-8).
+    pub path: RelPath,
     /// Kind.
     pub kind: EntryKind,
     /// Data size (0 for directories and links).
@@ -31,7 +33,7 @@ pub struct Entry {
     pub mode: u32,
     /// Modification time, seconds since the epoch.
     pub mtime: i64,
-    /// Link target for symlinks.
+    /// Link target for symlinks (a tablespace's location, as text).
     pub link: String,
 }
 
@@ -117,20 +119,17 @@ fn parse_header(h: &[u8; 512]) -> Result<Entry> {
             "tar header checksum mismatch (stored {stored}, computed {sum})"
         )));
     }
-    let name = String::from_utf8_lossy(cstr_field(&h[0..100])).into_owned();
+    let name = cstr_field(&h[0..100]);
     let prefix = if &h[257..262] == b"ustar" {
-        String::from_utf8_lossy(cstr_field(&h[345..500])).into_owned()
+        cstr_field(&h[345..500])
     } else {
-        String::new()
+        &[]
     };
-    let mut path = if prefix.is_empty() {
-        name
-    } else {
-        format!("{prefix}/{name}")
-    };
-    while path.ends_with('/') {
+    let mut path = RelPath::new(prefix).join(name).as_bytes().to_vec();
+    while path.last() == Some(&b'/') {
         path.pop();
     }
+    let path = RelPath::new(path);
     let kind = match h[156] {
         b'0' | 0 | b'7' => EntryKind::File,
         b'5' => EntryKind::Dir,
@@ -229,6 +228,7 @@ impl TarParser {
 mod tests {
     use super::*;
     use proptest::prelude::*;
+    use std::os::unix::ffi::OsStrExt;
 
     /// An archive built by the `tar` crate as an independent oracle.
     fn sample() -> Vec<u8> {
@@ -264,6 +264,17 @@ mod tests {
         h.set_size(0);
         h.set_cksum();
         b.append(&h, &[][..]).unwrap();
+        // Names that are not UTF-8, one in the name field, one long enough for ustar's
+        // prefix field to hold part of it.
+        let long = [&b"base/"[..], &[b'd'; 120], b"/\xff\xfe"].concat();
+        for name in [&b"caf\xe9"[..], &long] {
+            let mut h = tar::Header::new_ustar();
+            h.set_path(std::ffi::OsStr::from_bytes(name)).unwrap();
+            h.set_mode(0o600);
+            h.set_size(2);
+            h.set_cksum();
+            b.append(&h, &b"ok"[..]).unwrap();
+        }
         b.into_inner().unwrap()
     }
 
@@ -291,19 +302,27 @@ mod tests {
         let got = collect(&[&a]);
         let names: Vec<_> = got
             .iter()
-            .map(|(e, _)| (e.path.as_str(), e.kind, e.size))
+            .map(|(e, _)| (e.path.to_string(), e.kind, e.size))
             .collect();
         assert_eq!(
             names,
             vec![
-                ("base/1", EntryKind::Dir, 0),
-                ("base/1/1259", EntryKind::File, 24576),
-                ("PG_VERSION", EntryKind::File, 3),
-                ("empty", EntryKind::File, 0),
-                ("odd", EntryKind::File, 513),
-                ("pg_tblspc/16384", EntryKind::Symlink, 0),
+                ("base/1".to_string(), EntryKind::Dir, 0),
+                ("base/1/1259".to_string(), EntryKind::File, 24576),
+                ("PG_VERSION".to_string(), EntryKind::File, 3),
+                ("empty".to_string(), EntryKind::File, 0),
+                ("odd".to_string(), EntryKind::File, 513),
+                ("pg_tblspc/16384".to_string(), EntryKind::Symlink, 0),
+                ("caf\\xe9".to_string(), EntryKind::File, 2),
+                (
+                    format!("base/{}/\\xff\\xfe", "d".repeat(120)),
+                    EntryKind::File,
+                    2
+                ),
             ]
         );
+        assert_eq!(got[6].0.path.as_bytes(), b"caf\xe9");
+        assert_eq!(got[7].0.path.split_last().1, b"\xff\xfe");
         assert_eq!(got[5].0.link, "/srv/ts1");
         assert_eq!(got[1].0.mode, 0o600);
         assert_eq!(got[4].1.len(), 513);

@@ -7,6 +7,7 @@ use super::quote_literal;
 use crate::conn::{Connection, Event};
 use crate::error::{Error, Result};
 use crate::lsn::Lsn;
+use crate::relpath::RelPath;
 
 /// Kind of a file-list entry.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -22,8 +23,9 @@ pub enum FileKind {
 /// One row of SEND_FILE_LIST.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct FileEntry {
-    /// Path relative to the data directory, as the server names it.
-    pub path: String,
+    /// Path relative to the data directory, as the server names it: its bytes (the
+    /// connection's client_encoding is SQL_ASCII, so the server converts nothing).
+    pub path: RelPath,
     /// Kind.
     pub kind: FileKind,
     /// Size at listing time. A relation file may be fetched in ranges of it; any other file
@@ -127,7 +129,13 @@ pub async fn send_file_list(c: &mut Connection, backup_id: &str) -> Result<Vec<F
                     }
                 };
                 out.push(FileEntry {
-                    path: r.text(0, "path")?.to_string(),
+                    path: RelPath::from(
+                        r.get_bytes(0)
+                            .ok_or_else(|| {
+                                Error::Protocol("SEND_FILE_LIST sent a row without a path".into())
+                            })?
+                            .as_ref(),
+                    ),
                     kind,
                     size: r.parse(2, "size")?,
                     mtime: r.parse(3, "mtime")?,
@@ -155,25 +163,42 @@ pub async fn send_file_list(c: &mut Connection, backup_id: &str) -> Result<Vec<F
 /// The SEND_FILES_CONTENT command for `(path, range)` requests: `None` asks for the whole
 /// file as it is when the server opens it, `Some((offset, length))` for a range. The offset
 /// and length go as quoted decimal strings: the server's replication scanner reads a bare
-/// number as 32 bits, and a range past 4 GiB must not wrap.
+/// number as 32 bits, and a range past 4 GiB must not wrap. Bytes, not text: a path goes as
+/// the server named it, UTF-8 or not.
 pub fn files_content_command(
     backup_id: &str,
-    files: &[(&str, Option<(u64, u64)>)],
+    files: &[(&RelPath, Option<(u64, u64)>)],
     verify: bool,
-) -> String {
-    let files: Vec<String> = files
-        .iter()
-        .map(|(p, r)| match r {
-            Some((o, l)) => format!("{} '{o}' '{l}'", quote_literal(p)),
-            None => quote_literal(p),
-        })
-        .collect();
-    format!(
-        "SEND_FILES_CONTENT (BACKUP_ID {}, VERIFY_CHECKSUMS {}, FILES ({}))",
-        quote_literal(backup_id),
-        verify,
-        files.join(", ")
+) -> Vec<u8> {
+    let mut cmd = format!(
+        "SEND_FILES_CONTENT (BACKUP_ID {}, VERIFY_CHECKSUMS {verify}, FILES (",
+        quote_literal(backup_id)
     )
+    .into_bytes();
+    for (i, (p, r)) in files.iter().enumerate() {
+        if i > 0 {
+            cmd.extend_from_slice(b", ");
+        }
+        quote_literal_bytes(p.as_bytes(), &mut cmd);
+        if let Some((o, l)) = r {
+            cmd.extend_from_slice(format!(" '{o}' '{l}'").as_bytes());
+        }
+    }
+    cmd.extend_from_slice(b"))");
+    cmd
+}
+
+/// Appends `b` quoted as the replication scanner reads a string: in single quotes, a quote
+/// doubled, every other byte as it is.
+fn quote_literal_bytes(b: &[u8], out: &mut Vec<u8>) {
+    out.push(b'\'');
+    for &c in b {
+        if c == b'\'' {
+            out.push(b'\'');
+        }
+        out.push(c);
+    }
+    out.push(b'\'');
 }
 
 /// Runs STOP_BACKUP on the leader; returns the stop LSN and its timeline.
@@ -195,18 +220,25 @@ mod tests {
 
     #[test]
     fn command_quotes_paths_and_ranges() {
+        let (a, b, c, d) = (
+            RelPath::from("base/1/2"),
+            RelPath::from("o'dd"),
+            RelPath::from("PG_VERSION"),
+            RelPath::new(b"caf\xe9'".to_vec()),
+        );
         let c = files_content_command(
             "ab",
             &[
-                ("base/1/2", Some((0, 8192))),
-                ("o'dd", Some((8192, 10))),
-                ("PG_VERSION", None),
+                (&a, Some((0, 8192))),
+                (&b, Some((8192, 10))),
+                (&c, None),
+                (&d, None),
             ],
             true,
         );
         assert_eq!(
             c,
-            "SEND_FILES_CONTENT (BACKUP_ID 'ab', VERIFY_CHECKSUMS true, FILES ('base/1/2' '0' '8192', 'o''dd' '8192' '10', 'PG_VERSION'))"
+            b"SEND_FILES_CONTENT (BACKUP_ID 'ab', VERIFY_CHECKSUMS true, FILES ('base/1/2' '0' '8192', 'o''dd' '8192' '10', 'PG_VERSION', 'caf\xe9'''))"
         );
     }
 }

@@ -59,7 +59,12 @@ impl Digests {
 
     /// The manifest checksum of file `f`, `size` bytes long, in the manifest's byte order.
     /// Fails, naming `path`, when the runs recorded do not cover the file exactly.
-    pub fn file_digest(&self, f: FileId, size: u64, path: &str) -> Result<Vec<u8>> {
+    pub fn file_digest(
+        &self,
+        f: FileId,
+        size: u64,
+        path: impl std::fmt::Display,
+    ) -> Result<Vec<u8>> {
         let mut runs = self
             .runs
             .lock()

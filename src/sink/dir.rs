@@ -19,6 +19,7 @@ use super::plain::{dir_mode, file_mode, make_dir, safe_relative, TablespaceMap};
 use super::seam::{Entry, FileId, FileWriter, Kind, Root, Sink, SinkStats};
 use crate::durable;
 use crate::error::{Error, Result};
+use crate::relpath::RelPath;
 
 /// Writes smaller than this are gathered (a tar stream hands out small slices); larger ones
 /// go straight to the file.
@@ -92,7 +93,7 @@ impl PlainDir {
         &self.root
     }
 
-    fn local(&self, root: Root, path: &str) -> Result<PathBuf> {
+    fn local(&self, root: Root, path: &RelPath) -> Result<PathBuf> {
         let rel = safe_relative(path)?;
         match root {
             Root::Data => Ok(self.root.join(rel)),
@@ -124,7 +125,7 @@ impl PlainDir {
     /// can be, or a partial backup that survived an OS crash could start as a server without
     /// it and run crash recovery to a wrong state.
     pub fn make_durable(&self, name: &str) -> Result<()> {
-        durable::fsync_path(&self.local(Root::Data, name)?)?;
+        durable::fsync_path(&self.local(Root::Data, &RelPath::from(name))?)?;
         durable::fsync_path(&self.root)
     }
 
@@ -137,7 +138,7 @@ impl PlainDir {
     /// Writes `bytes` to a file at the top of the data directory opened with `how` (a new
     /// file for `put`, appending for `append`), with exactly the backup's file mode.
     fn write_top(&self, name: &str, bytes: &[u8], how: &mut OpenOptions) -> Result<()> {
-        let p = self.local(Root::Data, name)?;
+        let p = self.local(Root::Data, &RelPath::from(name))?;
         let failed = |e| Error::io(format!("could not write \"{}\"", p.display()), e);
         let mut f = how.mode(self.file_mode).open(&p).map_err(failed)?;
         durable::set_mode(&f, &p, self.file_mode)?;
@@ -332,7 +333,7 @@ mod tests {
     use super::*;
     use std::os::unix::fs::PermissionsExt;
 
-    fn file<'a>(path: &'a str, mode: u32) -> Entry<'a> {
+    fn file<'a>(path: &'a RelPath, mode: u32) -> Entry<'a> {
         Entry {
             root: Root::Data,
             path,
@@ -352,13 +353,13 @@ mod tests {
         );
         sink.entry(&Entry {
             root: Root::Data,
-            path: "base",
+            path: &"base".into(),
             kind: Kind::Dir,
             mode: 0o750,
             link: "",
         })
         .unwrap();
-        let f = sink.entry(&file("base/1", 0o640)).unwrap().unwrap();
+        let f = sink.entry(&file(&"base/1".into(), 0o640)).unwrap().unwrap();
         let data: Vec<u8> = (0..100_000u32).map(|i| (i % 251) as u8).collect();
         let (mut a, mut b) = (sink.writer(), sink.writer());
         // The second half first, in big writes; the first half in small gathered ones.
@@ -392,7 +393,7 @@ mod tests {
             HashMap::new(),
             TablespaceMap::default(),
         );
-        let f = sink.entry(&file("f", 0)).unwrap().unwrap();
+        let f = sink.entry(&file(&"f".into(), 0)).unwrap().unwrap();
         let mut w = sink.writer();
         w.begin(f, 0).unwrap();
         w.write(b"garb").unwrap(); // the connection broke here
@@ -420,7 +421,7 @@ mod tests {
         );
         sink.entry(&Entry {
             root: Root::Data,
-            path: "pg_tblspc/16384",
+            path: &"pg_tblspc/16384".into(),
             kind: Kind::Symlink,
             mode: 0,
             link: "/srv/ts",
@@ -433,16 +434,17 @@ mod tests {
             mode: 0,
             link: "",
         };
-        sink.entry(&in_ts("PG_17", Kind::Dir)).unwrap();
-        let f = sink.entry(&in_ts("PG_17/x", Kind::File)).unwrap().unwrap();
+        let pg17 = RelPath::from("PG_17");
+        sink.entry(&in_ts(&pg17, Kind::Dir)).unwrap();
+        // A name that is not UTF-8 lands under its own bytes.
+        let name = RelPath::new(b"PG_17/\xff\xfe".to_vec());
+        let f = sink.entry(&in_ts(&name, Kind::File)).unwrap().unwrap();
         let mut w = sink.writer();
         w.begin(f, 0).unwrap();
         w.write(b"t").unwrap();
         w.end().unwrap();
-        assert_eq!(
-            std::fs::read(d.path().join("pg_tblspc/16384/PG_17/x")).unwrap(),
-            b"t"
-        );
+        let at = RelPath::from("pg_tblspc/16384").join(name.as_bytes());
+        assert_eq!(std::fs::read(d.path().join(&at)).unwrap(), b"t");
         sink.put("backup_label", b"LABEL").unwrap();
         assert!(
             sink.put("backup_label", b"again").is_err(),
@@ -452,7 +454,7 @@ mod tests {
         assert!(sink
             .entry(&Entry {
                 root: Root::Tablespace(1),
-                path: "x",
+                path: &"x".into(),
                 kind: Kind::File,
                 mode: 0,
                 link: ""

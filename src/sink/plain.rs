@@ -7,6 +7,7 @@ use std::os::unix::fs::{DirBuilderExt, PermissionsExt};
 use std::path::{Component, Path, PathBuf};
 
 use crate::error::{Error, Result};
+use crate::relpath::RelPath;
 
 /// `-T OLD=NEW` mappings.
 #[derive(Debug, Clone, Default)]
@@ -63,9 +64,10 @@ fn clean(p: &Path) -> PathBuf {
         .collect()
 }
 
-/// Checks that an archive path is relative and stays inside its root.
-pub fn safe_relative(p: &str) -> Result<&Path> {
-    let path = Path::new(p);
+/// Checks that an archive path is relative and stays inside its root; the path under
+/// exactly its bytes.
+pub fn safe_relative(p: &RelPath) -> Result<&Path> {
+    let path = p.as_path();
     if p.is_empty()
         || path
             .components()
@@ -171,10 +173,17 @@ mod tests {
 
     #[test]
     fn unsafe_paths_are_refused() {
-        assert!(safe_relative("../etc/passwd").is_err());
-        assert!(safe_relative("/etc/passwd").is_err());
-        assert!(safe_relative("base/../../x").is_err());
-        assert!(safe_relative("base/1/1259").is_ok());
+        let safe = |p: &[u8]| safe_relative(&RelPath::from(p)).map(|p| p.to_path_buf());
+        assert!(safe(b"../etc/passwd").is_err());
+        assert!(safe(b"/etc/passwd").is_err());
+        assert!(safe(b"base/../../x").is_err());
+        assert!(safe(b"\xff/../../x").is_err());
+        assert!(safe(b"").is_err());
+        assert!(safe(b"base/1/1259").is_ok());
+        // A name that is not UTF-8 is kept, byte for byte.
+        use std::os::unix::ffi::OsStrExt;
+        let p = safe(b"base/caf\xe9").unwrap();
+        assert_eq!(p.as_os_str().as_bytes(), b"base/caf\xe9");
     }
 
     #[test]

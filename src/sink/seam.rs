@@ -22,6 +22,7 @@
 //! writer for that.
 
 use crate::error::Result;
+use crate::relpath::RelPath;
 
 /// Where an entry's path is relative to.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
@@ -48,8 +49,9 @@ pub enum Kind {
 pub struct Entry<'a> {
     /// What `path` is relative to.
     pub root: Root,
-    /// Relative path, as the server names it (checked by the sink: no `..`, not absolute).
-    pub path: &'a str,
+    /// Relative path, as the server names it: bytes, not necessarily UTF-8 (checked by the
+    /// sink: no `..`, not absolute).
+    pub path: &'a RelPath,
     /// Kind.
     pub kind: Kind,
     /// Permission bits as the server has them (0 when unknown: the owner-only default).

@@ -9,6 +9,7 @@ use crate::conn::{Connection, Event, Replication};
 use crate::conninfo::ConnConfig;
 use crate::error::{Error, Result};
 use crate::protocol::files_content::{parse_content, Announced, ContentMessage};
+use crate::relpath::RelPath;
 use crate::replication::parallel::files_content_command;
 
 /// Opens worker connections for one running parallel backup.
@@ -103,12 +104,12 @@ async fn fetch_content(
     // A whole file goes without a range: the server then sends it as it is when it opens it,
     // with its real length (a configuration file rewritten since the listing must not come
     // back cut or padded to the listed size).
-    let reqs: Vec<(&str, Option<(u64, u64)>)> = ranges
+    let reqs: Vec<(&RelPath, Option<(u64, u64)>)> = ranges
         .iter()
         .map(|r| (r.path, (!r.whole).then_some((r.offset, r.length))))
         .collect();
     let cmd = files_content_command(&job.backup_id, &reqs, job.verify);
-    conn.start_query(&cmd).await?;
+    conn.start_query_bytes(&cmd).await?;
     // Index of the next header expected, and whether the range it opened is missing.
     let mut next = 0usize;
     let mut missing = false;
@@ -126,7 +127,7 @@ async fn fetch_content(
                     if path.as_ref() != r.path.as_bytes() || offset != r.offset {
                         return Err(Error::Protocol(format!(
                             "SEND_FILES_CONTENT sent \"{}\" at {offset}, expected \"{}\" at {}",
-                            String::from_utf8_lossy(&path),
+                            RelPath::from(path.as_ref()),
                             r.path,
                             r.offset
                         )));

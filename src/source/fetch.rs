@@ -14,14 +14,15 @@
 use std::future::Future;
 
 use crate::error::Result;
+use crate::relpath::RelPath;
 
 pub use super::pool::Delivery;
 
 /// One range to fetch: `length` bytes of `path` (as the server names it) from `offset`.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct Request<'a> {
-    /// The file, relative to the data directory.
-    pub path: &'a str,
+    /// The file, relative to the data directory (its bytes, as the server named it).
+    pub path: &'a RelPath,
     /// First byte.
     pub offset: u64,
     /// Bytes asked for; for a whole file, its listed size.

@@ -29,6 +29,7 @@ use crate::error::{Error, Result};
 use crate::plan::{Range, WorkUnit};
 use crate::progress::Progress;
 use crate::protocol::sqlstate;
+use crate::relpath::RelPath;
 use crate::sink::seam::{FileId, FileWriter};
 
 /// Messages buffered between a connection and its writer (32 KiB each from the server).
@@ -49,8 +50,8 @@ pub struct FileOutcome {
 /// One file of the listing as the pool needs it.
 #[derive(Debug, Clone)]
 pub struct Listed {
-    /// Path as the server names it.
-    pub path: String,
+    /// Path as the server names it (bytes).
+    pub path: RelPath,
     /// Listed size.
     pub size: u64,
     /// Where its bytes go in the sink (`None` for entries that are not files).
@@ -629,9 +630,9 @@ mod tests {
     }
 
     struct FakeServer {
-        files: HashMap<String, Vec<u8>>,
+        files: HashMap<RelPath, Vec<u8>>,
         /// Faults by path, used up one per request, in order.
-        faults: Mutex<HashMap<String, VecDeque<Fault>>>,
+        faults: Mutex<HashMap<RelPath, VecDeque<Fault>>>,
         connects: AtomicUsize,
         refuse_connect: bool,
         /// Connections refused with 53300 (every walsender taken), by their number (1-based).
@@ -639,7 +640,7 @@ mod tests {
     }
 
     impl FakeServer {
-        fn fault(&self, path: &str) -> Option<Fault> {
+        fn fault(&self, path: &RelPath) -> Option<Fault> {
             self.faults.lock().unwrap().get_mut(path)?.pop_front()
         }
     }
@@ -750,10 +751,12 @@ mod tests {
                 .map(|i| (i as u8).wrapping_mul(31).wrapping_add(seed))
                 .collect()
         };
-        let files: HashMap<String, Vec<u8>> = [
-            ("base/1/big".to_string(), content(10_000, 1)),
-            ("base/1/a".to_string(), content(3000, 2)),
-            ("base/1/b".to_string(), content(1500, 3)),
+        // One name is not UTF-8: it is written under its bytes like any other.
+        let files: HashMap<RelPath, Vec<u8>> = [
+            ("base/1/big".into(), content(10_000, 1)),
+            ("base/1/a".into(), content(3000, 2)),
+            ("base/1/b".into(), content(1500, 3)),
+            (RelPath::new(b"base/1/caf\xe9".to_vec()), content(700, 4)),
         ]
         .into();
         let mut list = vec![
@@ -776,20 +779,26 @@ mod tests {
                 mode: None,
             },
         ];
-        for p in ["base/1/big", "base/1/a", "base/1/b"] {
+        for p in [
+            &b"base/1/big"[..],
+            b"base/1/a",
+            b"base/1/b",
+            b"base/1/caf\xe9",
+        ] {
+            let p = RelPath::from(p);
             list.push(FileEntry {
-                path: p.into(),
+                size: files[&p].len() as u64,
+                path: p,
                 kind: FileKind::File,
-                size: files[p].len() as u64,
                 mtime: 0,
                 link_target: None,
                 spcoid: None,
                 mode: None,
             });
         }
-        let mut fq: HashMap<String, VecDeque<Fault>> = HashMap::new();
+        let mut fq: HashMap<RelPath, VecDeque<Fault>> = HashMap::new();
         for (p, f) in faults {
-            fq.entry(p.to_string()).or_default().push_back(*f);
+            fq.entry(RelPath::from(*p)).or_default().push_back(*f);
         }
         let server = Arc::new(FakeServer {
             files,
@@ -899,7 +908,7 @@ mod tests {
                 f.path
             );
         }
-        assert_eq!(s.sink.stats().bytes, 14_500);
+        assert_eq!(s.sink.stats().bytes, 15_200);
     }
 
     #[test]
@@ -1036,7 +1045,7 @@ mod tests {
         let id = s.pool.files()[4].id.unwrap();
         assert_eq!(
             s.digests.file_digest(id, 1200, "base/1/b").unwrap(),
-            crc32c_bytes(crc32c::crc32c(&s.server.files["base/1/b"][..1200]))
+            crc32c_bytes(crc32c::crc32c(&s.server.files[&"base/1/b".into()][..1200]))
         );
     }
 }

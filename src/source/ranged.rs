@@ -6,6 +6,7 @@
 //! ([`Ranged::finish`]). The parallel and sql methods differ only in how they list files,
 //! their connectors, and the leader's fetcher; this module must not know either protocol.
 
+use std::borrow::Cow;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -15,6 +16,7 @@ use crate::error::{Error, Result};
 use crate::manifest::ChecksumKind;
 use crate::plan::{self, FileEntry, FileKind, PlanConfig, WorkUnit};
 use crate::progress::Progress;
+use crate::relpath::RelPath;
 use crate::session::{Copied, Damage, ManifestFile, ManifestPart, Session};
 use crate::sink::digest::Digests;
 use crate::sink::dir::PlainDir;
@@ -135,19 +137,19 @@ impl<'f> Ranged<'f> {
 
 /// Where a listed entry goes: tablespace entries (`pg_tblspc/<oid>/…`) under their
 /// tablespace's root, everything else under the data directory.
-fn place(f: &FileEntry) -> Result<(Root, &str)> {
+fn place(f: &FileEntry) -> Result<(Root, Cow<'_, RelPath>)> {
     match (f.spcoid, f.kind) {
         (Some(oid), FileKind::Dir | FileKind::File) => {
             let prefix = format!("pg_tblspc/{oid}/");
-            let rest = f.path.strip_prefix(&prefix).ok_or_else(|| {
+            let rest = f.path.strip_prefix(prefix.as_bytes()).ok_or_else(|| {
                 Error::Protocol(format!(
                     "\"{}\" is listed in tablespace {oid} but not under {prefix}",
                     f.path
                 ))
             })?;
-            Ok((Root::Tablespace(oid), rest))
+            Ok((Root::Tablespace(oid), Cow::Owned(rest)))
         }
-        _ => Ok((Root::Data, &f.path)),
+        _ => Ok((Root::Data, Cow::Borrowed(&f.path))),
     }
 }
 
@@ -172,7 +174,7 @@ fn lay_out(
         };
         sink.entry(&Entry {
             root,
-            path,
+            path: &path,
             kind,
             mode: f.mode.unwrap_or(dir_mode),
             link: f.link_target.as_deref().unwrap_or_default(),
@@ -185,7 +187,7 @@ fn lay_out(
                 let (root, path) = place(f)?;
                 sink.entry(&Entry {
                     root,
-                    path,
+                    path: &path,
                     kind: Kind::File,
                     mode: f.mode.unwrap_or_else(|| s.file_mode()),
                     link: "",

@@ -14,6 +14,7 @@
 //! Directory layout, manifest entries and damaged-page lines are the parallel method's
 //! ([`super::parallel`]): the listing is built in the shape of its SEND_FILE_LIST.
 
+use std::borrow::Cow;
 use std::collections::HashMap;
 use std::sync::Arc;
 
@@ -30,6 +31,7 @@ use crate::lsn::Lsn;
 use crate::options::{Checkpoint, Method};
 use crate::pagecheck::{verify_range, BLCKSZ};
 use crate::plan::{FileEntry, FileKind};
+use crate::relpath::RelPath;
 use crate::session::{Copied, Session, Source, Started, Tablespace};
 use crate::sink::dir::PlainDir;
 
@@ -67,6 +69,98 @@ const READ_SQL: &str = "SELECT pg_catalog.pg_read_binary_file($1, $2, $3, true)"
 const READ_STATEMENT: &str = "pgpar_read";
 /// text, int8, int8.
 const READ_TYPES: &[u32] = &[25, 20, 20];
+
+/// The read of a file whose name the server would refuse as a text parameter (one that is not
+/// valid in the database's encoding, such as `caf\xe9` in a UTF8 database: the server checks
+/// every text value a client sends, but not the names `pg_ls_dir` returns). From the
+/// directory `$4` (text, the part of the path the server accepts), each further component
+/// is found by its bytes (`$1`, one bytea per component) in its parent's listing, and the
+/// path thus built on the server is read; NULL when a component is not there (the file
+/// vanished). `textsend` gives a name's bytes as they are: the session's client_encoding is
+/// SQL_ASCII, so the server converts nothing.
+const READ_BY_NAME_SQL: &str = "\
+SELECT (WITH RECURSIVE p(path, n) AS (
+    SELECT $4::text, 0
+  UNION ALL
+    SELECT p.path || '/' || f, p.n + 1
+      FROM p, LATERAL pg_catalog.pg_ls_dir(p.path, true, false) AS f
+     WHERE p.n < pg_catalog.cardinality($1::bytea[])
+       AND pg_catalog.textsend(f) = ($1::bytea[])[p.n + 1]
+) SELECT pg_catalog.pg_read_binary_file(p.path, $2, $3, true)
+    FROM p WHERE p.n = pg_catalog.cardinality($1::bytea[]) LIMIT 1)";
+const READ_BY_NAME_STATEMENT: &str = "pgpar_read_by_name";
+/// bytea[], int8, int8, text.
+const READ_BY_NAME_TYPES: &[u32] = &[1001, 20, 20, 25];
+
+/// Whether the server takes `name` as a text value in a database of encoding `encoding`
+/// (its `server_encoding`): ASCII always, other UTF-8 in a UTF8 database. Anything else goes
+/// by its bytes ([`READ_BY_NAME_SQL`]), which is right in every encoding.
+fn text_accepted(name: &[u8], encoding: &str) -> bool {
+    name.is_ascii() || (encoding == "UTF8" && std::str::from_utf8(name).is_ok())
+}
+
+/// Queues the read of `len` bytes of `path` at `off` on `sess`, by the plain statement where
+/// the server takes the path as text, else by [`READ_BY_NAME_SQL`].
+fn queue_read(sess: &mut SqlSession, path: &RelPath, off: u64, len: u64) -> Result<u64> {
+    let (off, len) = (off.to_string(), len.to_string());
+    // (ASCII first: no look at the encoding for the names PostgreSQL itself writes.)
+    let encoding = match path.as_bytes().is_ascii() {
+        true => String::new(),
+        false => sess.server_encoding(),
+    };
+    if path.as_bytes().is_ascii() || text_accepted(path.as_bytes(), &encoding) {
+        return sess.queue_execute(
+            READ_STATEMENT,
+            &[
+                Some(path.as_bytes()),
+                Some(off.as_bytes()),
+                Some(len.as_bytes()),
+            ],
+            Format::Binary,
+        );
+    }
+    let (dir, names) = by_name(path.as_bytes(), &encoding);
+    sess.queue_execute(
+        READ_BY_NAME_STATEMENT,
+        &[
+            Some(&names),
+            Some(off.as_bytes()),
+            Some(len.as_bytes()),
+            Some(&dir),
+        ],
+        Format::Binary,
+    )
+}
+
+/// [`READ_BY_NAME_SQL`]'s directory (`$4`: the leading components the server takes as
+/// text, `.` for none) and components (`$1`: the rest, as a bytea[] in text form).
+fn by_name(path: &[u8], encoding: &str) -> (Vec<u8>, Vec<u8>) {
+    let parts: Vec<&[u8]> = path.split(|&c| c == b'/').collect();
+    let keep = parts
+        .iter()
+        .take(parts.len() - 1)
+        .take_while(|p| text_accepted(p, encoding))
+        .count();
+    let dir = if keep == 0 {
+        b".".to_vec()
+    } else {
+        parts[..keep].join(&b'/')
+    };
+    let mut names = b"{".to_vec();
+    for (i, p) in parts[keep..].iter().enumerate() {
+        if i > 0 {
+            names.push(b',');
+        }
+        // An array element in double quotes, its backslash doubled: "\\xcafe".
+        names.extend_from_slice(b"\"\\\\x");
+        for c in *p {
+            names.extend_from_slice(format!("{c:02x}").as_bytes());
+        }
+        names.push(b'"');
+    }
+    names.push(b'}');
+    (dir, names)
+}
 
 /// Lists the data directory (and, through the `pg_tblspc` links, the tablespaces) in one
 /// query: path, whether a directory, size, mtime. It does not descend into the directories
@@ -107,6 +201,8 @@ async fn open_session(cfg: &ConnConfig, part: &str) -> Result<SqlSession> {
     )
     .await?;
     sess.prepare(READ_STATEMENT, READ_SQL, READ_TYPES).await?;
+    sess.prepare(READ_BY_NAME_STATEMENT, READ_BY_NAME_SQL, READ_BY_NAME_TYPES)
+        .await?;
     Ok(sess)
 }
 
@@ -131,7 +227,8 @@ impl SqlSource {
 
 /// One row of the listing query.
 struct Listed {
-    path: String,
+    /// The path's bytes (the session's client_encoding is SQL_ASCII: no conversion).
+    path: RelPath,
     isdir: bool,
     size: u64,
     mtime: i64,
@@ -146,25 +243,25 @@ fn entries(
     ex: Exclusions,
     major: u32,
 ) -> Vec<FileEntry> {
-    let mut children: HashMap<&str, Vec<usize>> = HashMap::new();
+    let mut children: HashMap<&[u8], Vec<usize>> = HashMap::new();
     for (i, r) in rows.iter().enumerate() {
-        let parent = r.path.rsplit_once('/').map_or("", |(p, _)| p);
-        children.entry(parent).or_default().push(i);
+        children.entry(r.path.split_last().0).or_default().push(i);
     }
     let mut out = Vec::with_capacity(rows.len());
     let version_prefix = format!("PG_{major}_");
     // (directory as listed, its root, its path relative to that root, tablespace OID)
-    let mut stack: Vec<(String, Root, String, Option<u32>)> =
-        vec![(String::new(), Root::DataDir, String::new(), None)];
+    let mut stack: Vec<(RelPath, Root, RelPath, Option<u32>)> =
+        vec![(RelPath::default(), Root::DataDir, RelPath::default(), None)];
     while let Some((dir, root, rel, spcoid)) = stack.pop() {
-        let Some(kids) = children.get(dir.as_str()) else {
+        let Some(kids) = children.get(dir.as_bytes()) else {
             continue;
         };
-        let names: Vec<(&str, EntryKind)> = kids
+        // The exclusion rules match ASCII names: they read the names as (lossy) text.
+        let names: Vec<(Cow<'_, str>, EntryKind)> = kids
             .iter()
             .map(|&i| {
                 let r = &rows[i];
-                let name = r.path.rsplit_once('/').map_or(r.path.as_str(), |(_, n)| n);
+                let name = String::from_utf8_lossy(r.path.split_last().1);
                 let link = root == Root::DataDir
                     && dir == "pg_tblspc"
                     && name.parse().is_ok_and(|oid| tablespaces.contains_key(&oid));
@@ -178,15 +275,12 @@ fn entries(
                 (name, kind)
             })
             .collect();
-        let verdicts = ex.classify_listing(root, &rel, &names);
+        let as_text: Vec<(&str, EntryKind)> = names.iter().map(|(n, k)| (n.as_ref(), *k)).collect();
+        let verdicts = ex.classify_listing(root, &rel.to_text_lossy(), &as_text);
         let mut subdirs = Vec::new();
-        for ((&i, &(name, kind)), verdict) in kids.iter().zip(&names).zip(verdicts) {
+        for ((&i, &(ref name, kind)), verdict) in kids.iter().zip(&names).zip(verdicts) {
             let r = &rows[i];
-            let child_rel = if rel.is_empty() {
-                name.to_string()
-            } else {
-                format!("{rel}/{name}")
-            };
+            let child_rel = rel.join(r.path.split_last().1);
             let entry = |kind| FileEntry {
                 path: r.path.clone(),
                 kind,
@@ -205,7 +299,7 @@ fn entries(
                     out.push(entry(FileKind::Dir));
                     for sd in empty {
                         out.push(FileEntry {
-                            path: format!("{}/{sd}", r.path),
+                            path: r.path.join(sd.as_bytes()),
                             ..entry(FileKind::Dir)
                         });
                     }
@@ -224,10 +318,10 @@ fn entries(
                             ..entry(FileKind::Link)
                         });
                         // Only this server version's directory of the tablespace.
-                        for &v in children.get(r.path.as_str()).into_iter().flatten() {
+                        for &v in children.get(r.path.as_bytes()).into_iter().flatten() {
                             let vr = &rows[v];
-                            let vname = vr.path.rsplit_once('/').map_or("", |(_, n)| n);
-                            if vr.isdir && vname.starts_with(&version_prefix) {
+                            let vname = vr.path.split_last().1;
+                            if vr.isdir && vname.starts_with(version_prefix.as_bytes()) {
                                 out.push(FileEntry {
                                     path: vr.path.clone(),
                                     kind: FileKind::Dir,
@@ -240,7 +334,7 @@ fn entries(
                                 subdirs.push((
                                     vr.path.clone(),
                                     Root::Tablespace,
-                                    String::new(),
+                                    RelPath::default(),
                                     Some(oid),
                                 ));
                             }
@@ -269,7 +363,13 @@ impl SqlSource {
         let mut listed = Vec::with_capacity(rows.len());
         for r in rows {
             listed.push(Listed {
-                path: r.text(0, "path")?.to_string(),
+                path: RelPath::from(
+                    r.get_bytes(0)
+                        .ok_or_else(|| {
+                            Error::Protocol("the listing has a row without a path".into())
+                        })?
+                        .as_ref(),
+                ),
                 isdir: r.get(1) == Some("t"),
                 size: r.parse(2, "file size")?,
                 mtime: r.parse(3, "modification time")?,
@@ -448,13 +548,15 @@ impl SqlSource {
         let ex = Exclusions::for_server_version_num(s.version);
         let mut segments = HashMap::new();
         for f in files.iter().filter(|f| f.kind == FileKind::File) {
+            // The rules match ASCII names (see crate::relpath).
+            let text = f.path.to_text_lossy();
             let rel = match f.spcoid {
                 // pg_tblspc/<oid>/PG_…/<rest>
-                Some(_) => match f.path.splitn(4, '/').nth(3) {
+                Some(_) => match text.splitn(4, '/').nth(3) {
                     Some(rest) => (Root::Tablespace, rest),
                     None => continue,
                 },
-                None => (Root::DataDir, f.path.as_str()),
+                None => (Root::DataDir, text.as_ref()),
             };
             if let Some(rf) = ex.checksummed_relation_file(rel.0, rel.1) {
                 segments.insert(f.path.clone(), rf.segment);
@@ -471,7 +573,7 @@ impl SqlSource {
 struct Verify {
     start_lsn: Lsn,
     /// Relation files whose pages carry checksums, with their segment number.
-    segments: HashMap<String, u32>,
+    segments: HashMap<RelPath, u32>,
 }
 
 /// Opens worker sessions.
@@ -572,17 +674,7 @@ impl RangeFetcher for SqlFetcher<'_> {
             let before = sent;
             for _ in 0..calls_to_send(sent, received, pieces.len()) {
                 let p = &pieces[sent];
-                let r = &ranges[p.range];
-                let (off, len) = (p.offset.to_string(), p.length.to_string());
-                sess.queue_execute(
-                    READ_STATEMENT,
-                    &[
-                        Some(r.path.as_bytes()),
-                        Some(off.as_bytes()),
-                        Some(len.as_bytes()),
-                    ],
-                    Format::Binary,
-                )?;
+                queue_read(sess, ranges[p.range].path, p.offset, p.length)?;
                 sent += 1;
                 if sent == pieces.len() {
                     sess.queue_sync();
@@ -692,7 +784,7 @@ impl SqlFetcher<'_> {
     /// while being written), and the blocks that fail twice are returned.
     async fn check_pages(
         &mut self,
-        path: &str,
+        path: &RelPath,
         offset: u64,
         bytes: &[u8],
     ) -> Result<Option<Vec<u32>>> {
@@ -714,16 +806,7 @@ impl SqlFetcher<'_> {
         let mut bad = Vec::new();
         for b in check.bad {
             let at = u64::from(b.block_in_file) * BLCKSZ as u64;
-            let (off, len) = (at.to_string(), BLCKSZ.to_string());
-            side.queue_execute(
-                READ_STATEMENT,
-                &[
-                    Some(path.as_bytes()),
-                    Some(off.as_bytes()),
-                    Some(len.as_bytes()),
-                ],
-                Format::Binary,
-            )?;
+            queue_read(side, path, at, BLCKSZ as u64)?;
             side.queue_sync();
             side.flush().await?;
             let mut again = None;
@@ -753,7 +836,7 @@ mod tests {
     use super::*;
     use crate::plan::{self, PlanConfig};
 
-    fn row(path: &str, isdir: bool, size: u64) -> Listed {
+    fn row(path: impl Into<RelPath>, isdir: bool, size: u64) -> Listed {
         Listed {
             path: path.into(),
             isdir,
@@ -788,6 +871,14 @@ mod tests {
             row("pg_tblspc/16400/PG_15_202209061/5/16500", false, 8192),
             row("pg_tblspc/16400/PG_15_202209061/5/16500_vm", false, 8192),
             row("pg_tblspc/16400/PG_14_202107181/5/1", false, 8192),
+            // Names that are not UTF-8: a stray file at the top and in a tablespace, a
+            // directory at the top with its contents, and a temporary directory, which is
+            // left out as BASE_BACKUP leaves it out (its name starts with pgsql_tmp).
+            row(&b"\xff\xfe"[..], false, 5),
+            row(&b"pg_tblspc/16400/PG_15_202209061/5/caf\xe9"[..], false, 7),
+            row(&b"dir\xe9"[..], true, 0),
+            row(&b"dir\xe9/x"[..], false, 1),
+            row(&b"base/5/pgsql_tmp\xe9"[..], true, 0),
         ]
     }
 
@@ -795,10 +886,12 @@ mod tests {
     fn the_listing_takes_send_file_lists_shape_with_base_backups_exclusions() {
         let ts: HashMap<u32, String> = [(16400, "/srv/ts".to_string())].into();
         let got = entries(listing(), &ts, Exclusions::new(15), 15);
-        let paths: Vec<(&str, FileKind, Option<u32>)> = got
+        let paths: Vec<(String, FileKind, Option<u32>)> = got
             .iter()
-            .map(|f| (f.path.as_str(), f.kind, f.spcoid))
+            .map(|f| (f.path.to_string(), f.kind, f.spcoid))
             .collect();
+        let paths: Vec<(&str, FileKind, Option<u32>)> =
+            paths.iter().map(|(p, k, o)| (p.as_str(), *k, *o)).collect();
         let d = FileKind::Dir;
         let f = FileKind::File;
         assert_eq!(
@@ -811,6 +904,8 @@ mod tests {
                 ("pg_tblspc", d, None),
                 ("pg_stat_tmp", d, None),
                 ("PG_VERSION", f, None),
+                ("\\xff\\xfe", f, None),
+                ("dir\\xe9", d, None),
                 ("base/5", d, None),
                 ("base/5/16384_init", f, None),
                 ("base/5/16390", f, None),
@@ -821,15 +916,20 @@ mod tests {
                 ("pg_tblspc/16400/PG_15_202209061/5", d, Some(16400)),
                 ("pg_tblspc/16400/PG_15_202209061/5/16500", f, Some(16400)),
                 ("pg_tblspc/16400/PG_15_202209061/5/16500_vm", f, Some(16400)),
+                ("pg_tblspc/16400/PG_15_202209061/5/caf\\xe9", f, Some(16400)),
+                ("dir\\xe9/x", f, None),
             ]
         );
+        // The bytes themselves, not their escaped form.
+        assert!(got.iter().any(|e| e.path.as_bytes() == b"\xff\xfe"));
         let link = got.iter().find(|f| f.kind == FileKind::Link).unwrap();
         assert_eq!(link.link_target.as_deref(), Some("/srv/ts"));
         // Every entry's parent comes before it.
         for (i, e) in got.iter().enumerate() {
-            if let Some((parent, _)) = e.path.rsplit_once('/') {
+            let (parent, _) = e.path.split_last();
+            if !parent.is_empty() {
                 assert!(
-                    got[..i].iter().any(|p| p.path == parent),
+                    got[..i].iter().any(|p| p.path.as_bytes() == parent),
                     "{} before its parent",
                     e.path
                 );
@@ -837,6 +937,32 @@ mod tests {
         }
         let plan = plan::plan(&got, PlanConfig::default());
         assert_eq!(got[plan.control.unwrap()].path, "global/pg_control");
+    }
+
+    #[test]
+    fn a_name_the_server_refuses_as_text_is_read_by_its_bytes() {
+        assert!(text_accepted(b"base/5/16384", "UTF8"));
+        assert!(text_accepted("café".as_bytes(), "UTF8"));
+        assert!(!text_accepted(b"caf\xe9", "UTF8"));
+        // Other encodings: ASCII only (anything else is right by its bytes).
+        assert!(!text_accepted("café".as_bytes(), "LATIN1"));
+        assert!(text_accepted(b"PG_VERSION", "SQL_ASCII"));
+        assert_eq!(
+            by_name(b"\xff\xfe", "UTF8"),
+            (b".".to_vec(), br#"{"\\xfffe"}"#.to_vec())
+        );
+        assert_eq!(
+            by_name(b"pg_tblspc/16400/PG_15_1/5/caf\xe9", "UTF8"),
+            (
+                b"pg_tblspc/16400/PG_15_1/5".to_vec(),
+                br#"{"\\x636166e9"}"#.to_vec()
+            )
+        );
+        // From the first component the server would refuse on.
+        assert_eq!(
+            by_name(b"d\xe9/x/y", "UTF8"),
+            (b".".to_vec(), br#"{"\\x64e9","\\x78","\\x79"}"#.to_vec())
+        );
     }
 
     #[test]
@@ -852,7 +978,7 @@ mod tests {
         let got = entries(rows, &HashMap::new(), Exclusions::new(15), 15);
         let paths: Vec<(&str, FileKind, Option<u32>)> = got
             .iter()
-            .map(|f| (f.path.as_str(), f.kind, f.spcoid))
+            .map(|f| (f.path.to_str().unwrap(), f.kind, f.spcoid))
             .collect();
         assert_eq!(
             paths,
