@@ -107,6 +107,18 @@ pub fn fmt_bytes(bytes: &[u8], f: &mut fmt::Formatter<'_>) -> fmt::Result {
     Ok(())
 }
 
+/// `bytes` as text for a message: valid UTF-8 as it is, every other byte as `\xNN` (a
+/// server's message naming such a file, with client_encoding SQL_ASCII, holds its bytes).
+pub fn escaped(bytes: &[u8]) -> String {
+    struct E<'a>(&'a [u8]);
+    impl fmt::Display for E<'_> {
+        fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+            fmt_bytes(self.0, f)
+        }
+    }
+    E(bytes).to_string()
+}
+
 /// The path for messages: valid UTF-8 as it is, other bytes as `\xNN` (`caf\xe9`).
 impl fmt::Display for RelPath {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
@@ -176,6 +188,10 @@ mod tests {
         assert_eq!(p.split_last(), (&b"base"[..], &b"caf\xe9"[..]));
         let ff = RelPath::new(vec![0xff, 0xfe]);
         assert_eq!(ff.to_string(), "\\xff\\xfe");
+        assert_eq!(
+            escaped(b"could not open file \"caf\xe9\""),
+            "could not open file \"caf\\xe9\""
+        );
         assert_eq!(format!("{ff:?}"), "\"\\xff\\xfe\"");
         // Valid UTF-8 is shown as it is, a truncated sequence byte by byte.
         assert_eq!(RelPath::from("café").to_string(), "café");

@@ -170,7 +170,9 @@ impl Reader {
             .iter()
             .position(|&c| c == 0)
             .ok_or_else(|| self.short())?;
-        let s = String::from_utf8_lossy(&self.b[..pos]).into_owned();
+        // Text; a byte that is not UTF-8 (a file name in a server's message, unconverted
+        // with client_encoding SQL_ASCII) is shown as \xNN, never dropped or replaced.
+        let s = crate::relpath::escaped(&self.b[..pos]);
         self.b.advance(pos + 1);
         Ok(s)
     }

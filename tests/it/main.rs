@@ -19,6 +19,7 @@ mod faults;
 mod fixture;
 mod libpq;
 mod messages;
+mod names;
 mod parallel;
 mod partial;
 mod patch;

@@ -1,0 +1,182 @@
+//! File names are bytes, not text (issue 11): a DBA's stray files whose names are not valid
+//! UTF-8 — at the top of the data directory, in a directory that is itself so named, and in
+//! a tablespace's version directory — are backed up under their exact bytes by every method
+//! (stream on 15 and on the patched 17, sql on 15, parallel on the patched 17), appear in
+//! `backup_manifest` as PostgreSQL writes such names (`Encoded-Path`, hex), pass the server's
+//! own `pg_verifybackup`, and are still there, byte for byte, once the backup runs as a server.
+//! A UTF-8 name beside them (a space, a newline) stays a `Path`.
+
+use std::ffi::OsStr;
+use std::fs;
+use std::os::unix::ffi::OsStrExt;
+use std::os::unix::fs::PermissionsExt;
+use std::path::{Path, PathBuf};
+use std::process::Command;
+
+use crate::cluster::{give_to_server_user, is_root, run_ok, scratch_dir, Cluster, Pg};
+use crate::util::{pgpar, run};
+
+/// Where a stray file lies.
+enum Under {
+    /// The data directory.
+    Data,
+    /// The tablespace's version directory (`PG_<major>_<catversion>`).
+    Tablespace,
+}
+
+/// The stray files: where, their path there (bytes), their contents.
+const STRAYS: &[(Under, &[u8], &[u8])] = &[
+    (Under::Data, b"caf\xe9", b"a Latin-1 name at the top\n"),
+    (Under::Data, b"d\xe9/f\xff", b"in a directory so named\n"),
+    (Under::Tablespace, b"\xff\xfe", b"in a tablespace\n"),
+    // Valid UTF-8 (with a space and a newline) stays text: "Path", JSON-escaped.
+    (Under::Data, "ümläut name\nx".as_bytes(), b"UTF-8\n"),
+];
+
+fn at(root: &Path, rel: &[u8]) -> PathBuf {
+    root.join(OsStr::from_bytes(rel))
+}
+
+/// Writes `contents` at `path` (creating its parents, mode 0700/0600), owned by the server's
+/// OS user: a file a DBA left there.
+fn put(path: &Path, contents: &[u8]) {
+    let parent = path.parent().unwrap();
+    fs::create_dir_all(parent).unwrap();
+    fs::set_permissions(parent, fs::Permissions::from_mode(0o700)).unwrap();
+    fs::write(path, contents).unwrap();
+    fs::set_permissions(path, fs::Permissions::from_mode(0o600)).unwrap();
+    if is_root() {
+        run_ok(
+            Command::new("chown")
+                .arg("postgres:postgres")
+                .arg(parent)
+                .arg(path),
+        );
+    }
+}
+
+fn hex(b: &[u8]) -> String {
+    b.iter().map(|c| format!("{c:02x}")).collect()
+}
+
+/// The one entry of `dir` whose name starts with `PG_`.
+fn version_dir(dir: &Path) -> String {
+    let names: Vec<String> = fs::read_dir(dir)
+        .unwrap()
+        .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+        .filter(|n| n.starts_with("PG_"))
+        .collect();
+    assert_eq!(names.len(), 1, "{}: {names:?}", dir.display());
+    names[0].clone()
+}
+
+fn non_utf8_names_are_kept(pg: Pg, method: &str) {
+    let c = Cluster::new(pg);
+    let old_parent = scratch_dir();
+    let old = old_parent.path().join("ts");
+    fs::create_dir(&old).unwrap();
+    fs::set_permissions(&old, fs::Permissions::from_mode(0o700)).unwrap();
+    give_to_server_user(&old);
+    c.psql(&format!(
+        "CREATE TABLESPACE ts1 LOCATION '{}';
+         CREATE TABLE in_ts TABLESPACE ts1 AS SELECT g FROM generate_series(1, 1000) g;",
+        old.display()
+    ));
+    let oid = c
+        .psql("SELECT oid FROM pg_tablespace WHERE spcname = 'ts1';")
+        .trim()
+        .to_string();
+    let version = version_dir(&old);
+    for (under, rel, contents) in STRAYS {
+        let root = match under {
+            Under::Data => c.data.clone(),
+            Under::Tablespace => old.join(&version),
+        };
+        put(&at(&root, rel), contents);
+    }
+
+    let dir = scratch_dir();
+    let target = dir.path().join("backup");
+    let new = dir.path().join("ts-new");
+    let role = if method == "sql" {
+        "postgres"
+    } else {
+        "trust_user"
+    };
+    let out = run(pgpar()
+        .args(["backup", "--json", "-c", "fast", "--method", method, "-D"])
+        .arg(&target)
+        .args(["-d", &c.conninfo(role)])
+        .args(["-T", &format!("{}={}", old.display(), new.display())]));
+    out.assert_success();
+    assert_eq!(out.json()["method"].as_str(), Some(method), "{out}");
+    c.pg_verifybackup(&target);
+
+    // Each file under its exact bytes, with its contents; in the manifest as the server
+    // writes a name that is not UTF-8.
+    let manifest = fs::read_to_string(target.join("backup_manifest")).unwrap();
+    let check_files = |when: &str| {
+        for (under, rel, contents) in STRAYS {
+            let (root, in_manifest) = match under {
+                Under::Data => (target.clone(), rel.to_vec()),
+                Under::Tablespace => (
+                    new.join(&version),
+                    [format!("pg_tblspc/{oid}/{version}/").as_bytes(), rel].concat(),
+                ),
+            };
+            let p = at(&root, rel);
+            assert_eq!(
+                fs::read(&p).unwrap_or_else(|e| panic!("{when}: {}: {e}\n{out}", p.display())),
+                *contents,
+                "{when}: {}",
+                p.display()
+            );
+            let line = match std::str::from_utf8(&in_manifest) {
+                Ok(text) => format!("{{ \"Path\": \"{}\", ", text.replace('\n', "\\n")),
+                Err(_) => format!("{{ \"Encoded-Path\": \"{}\", ", hex(&in_manifest)),
+            };
+            assert!(
+                manifest.contains(&line),
+                "the manifest has no {line}:\n{manifest}"
+            );
+        }
+    };
+    check_files("in the backup");
+    assert!(
+        !manifest.contains('\u{fffd}'),
+        "a name was changed on its way into the manifest:\n{manifest}"
+    );
+
+    // The restored server keeps them (and reads its tablespace).
+    let copy = c.start_backup_copy(&target);
+    assert_eq!(copy.psql("SELECT count(*) FROM in_ts;").trim(), "1000");
+    copy.psql("CHECKPOINT;");
+    check_files("in the running restored copy");
+    crate::util::fault_covered(
+        &format!(
+            "file names that are not valid UTF-8 (data directory, tablespace), {method} method, PostgreSQL {}",
+            pg.major()
+        ),
+        "copied under their exact bytes, Encoded-Path in the manifest, pg_verifybackup passes, kept by the restored server",
+    );
+}
+
+#[test]
+fn stream_keeps_names_that_are_not_utf8_on_15() {
+    non_utf8_names_are_kept(Pg::V15, "stream");
+}
+
+#[test]
+fn stream_keeps_names_that_are_not_utf8_on_patched_17() {
+    non_utf8_names_are_kept(Pg::V17, "stream");
+}
+
+#[test]
+fn sql_keeps_names_that_are_not_utf8_on_15() {
+    non_utf8_names_are_kept(Pg::V15, "sql");
+}
+
+#[test]
+fn parallel_keeps_names_that_are_not_utf8_on_patched_17() {
+    non_utf8_names_are_kept(Pg::V17, "parallel");
+}
