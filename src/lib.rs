@@ -6,6 +6,7 @@
 //! the manifest tee). One [`session`] frames every backup: leader, checks, method, WAL
 //! stream ([`wal`]) beside the copy, damaged pages, labels, the manifest last ([`durable`]).
 //! [`options`] are checked before any of it; the binary owns flags, printing and signals.
+//! File names are bytes, not text, from the server to the file written ([`relpath`]).
 #![warn(missing_docs)]
 
 pub mod check;

@@ -96,10 +96,16 @@ impl Row {
             .and_then(|b| std::str::from_utf8(b).ok())
     }
 
-    /// Column `i` as text, or a protocol error naming `what` when it is NULL or missing.
+    /// Column `i` as text, or a protocol error naming `what` when it is NULL, missing or not
+    /// UTF-8.
     pub fn text(&self, i: usize, what: &str) -> Result<&str> {
-        self.get(i)
-            .ok_or_else(|| Error::Protocol(format!("the server sent no {what}")))
+        self.get(i).ok_or_else(|| match self.get_bytes(i) {
+            Some(b) => Error::Protocol(format!(
+                "the server sent a {what} that is not UTF-8: \"{}\"",
+                crate::relpath::escaped(b)
+            )),
+            None => Error::Protocol(format!("the server sent no {what}")),
+        })
     }
 
     /// Column `i` parsed, or a protocol error naming `what` and the value.

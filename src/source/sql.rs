@@ -103,12 +103,13 @@ fn text_accepted(name: &[u8], encoding: &str) -> bool {
 /// the server takes the path as text, else by [`READ_BY_NAME_SQL`].
 fn queue_read(sess: &mut SqlSession, path: &RelPath, off: u64, len: u64) -> Result<u64> {
     let (off, len) = (off.to_string(), len.to_string());
-    // (ASCII first: no look at the encoding for the names PostgreSQL itself writes.)
-    let encoding = match path.as_bytes().is_ascii() {
-        true => String::new(),
-        false => sess.server_encoding(),
+    // The names PostgreSQL itself writes are ASCII: no need to look at the encoding.
+    let encoding = if path.as_bytes().is_ascii() {
+        String::new()
+    } else {
+        sess.server_encoding()
     };
-    if path.as_bytes().is_ascii() || text_accepted(path.as_bytes(), &encoding) {
+    if text_accepted(path.as_bytes(), &encoding) {
         return sess.queue_execute(
             READ_STATEMENT,
             &[
@@ -166,20 +167,22 @@ fn by_name(path: &[u8], encoding: &str) -> (Vec<u8>, Vec<u8>) {
 /// query: path, whether a directory, size, mtime. It does not descend into the directories
 /// whose contents a backup skips (`$1`, by name at any depth, and the top-level `pg_wal`);
 /// everything else is classified by the client. Entries that vanish while it runs have no
-/// size and are dropped.
+/// size and are dropped. A name is compared as it is (`=`, a `LIKE` prefix: bytes), never
+/// through a regular expression, which would read a name that is not valid in the
+/// database's encoding as other characters.
 const LIST_SQL: &str = "\
-WITH RECURSIVE walk(path, isdir, size, mtime) AS (
-    SELECT d.name, s.isdir, s.size, s.modification
+WITH RECURSIVE walk(path, name, isdir, size, mtime) AS (
+    SELECT d.name, d.name, s.isdir, s.size, s.modification
       FROM pg_catalog.pg_ls_dir('.', true, false) AS d(name),
            LATERAL pg_catalog.pg_stat_file(d.name, true) AS s
   UNION ALL
-    SELECT w.path || '/' || d.name, s.isdir, s.size, s.modification
+    SELECT w.path || '/' || d.name, d.name, s.isdir, s.size, s.modification
       FROM walk AS w,
            LATERAL pg_catalog.pg_ls_dir(w.path, true, false) AS d(name),
            LATERAL pg_catalog.pg_stat_file(w.path || '/' || d.name, true) AS s
      WHERE w.isdir AND w.path <> 'pg_wal'
-       AND NOT regexp_replace(w.path, '^.*/', '') = ANY ($1::text[])
-       AND regexp_replace(w.path, '^.*/', '') NOT LIKE 'pgsql\\_tmp%'
+       AND NOT w.name = ANY ($1::text[])
+       AND w.name NOT LIKE 'pgsql\\_tmp%'
 )
 SELECT path, isdir, size, extract(epoch FROM mtime)::int8 FROM walk WHERE size IS NOT NULL";
 

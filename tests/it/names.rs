@@ -70,8 +70,11 @@ fn version_dir(dir: &Path) -> String {
     names[0].clone()
 }
 
-fn non_utf8_names_are_kept(pg: Pg, method: &str) {
-    let c = Cluster::new(pg);
+fn non_utf8_names_are_kept(pg: Pg, method: &str, initdb: &[&str]) {
+    let c = Cluster::with_initdb_args(pg, initdb);
+    if let Some(i) = initdb.iter().position(|a| *a == "-E") {
+        assert_eq!(c.psql("SHOW server_encoding;").trim(), initdb[i + 1]);
+    }
     let old_parent = scratch_dir();
     let old = old_parent.path().join("ts");
     fs::create_dir(&old).unwrap();
@@ -154,8 +157,9 @@ fn non_utf8_names_are_kept(pg: Pg, method: &str) {
     check_files("in the running restored copy");
     crate::util::fault_covered(
         &format!(
-            "file names that are not valid UTF-8 (data directory, tablespace), {method} method, PostgreSQL {}",
-            pg.major()
+            "file names that are not valid UTF-8 (data directory, tablespace), {method} method, PostgreSQL {}{}",
+            pg.major(),
+            if initdb.is_empty() { "" } else { ", LATIN1 database" }
         ),
         "copied under their exact bytes, Encoded-Path in the manifest, pg_verifybackup passes, kept by the restored server",
     );
@@ -163,20 +167,82 @@ fn non_utf8_names_are_kept(pg: Pg, method: &str) {
 
 #[test]
 fn stream_keeps_names_that_are_not_utf8_on_15() {
-    non_utf8_names_are_kept(Pg::V15, "stream");
+    non_utf8_names_are_kept(Pg::V15, "stream", &[]);
 }
 
 #[test]
 fn stream_keeps_names_that_are_not_utf8_on_patched_17() {
-    non_utf8_names_are_kept(Pg::V17, "stream");
+    non_utf8_names_are_kept(Pg::V17, "stream", &[]);
 }
 
 #[test]
 fn sql_keeps_names_that_are_not_utf8_on_15() {
-    non_utf8_names_are_kept(Pg::V15, "sql");
+    non_utf8_names_are_kept(Pg::V15, "sql", &[]);
+}
+
+/// In a LATIN1 database the server would convert text between LATIN1 and a UTF8 client: a
+/// UTF-8 name (`ümläut …`) must come through unconverted as well, and be read by its bytes.
+#[test]
+fn sql_keeps_names_in_a_latin1_database_on_15() {
+    non_utf8_names_are_kept(Pg::V15, "sql", &["-E", "LATIN1"]);
 }
 
 #[test]
 fn parallel_keeps_names_that_are_not_utf8_on_patched_17() {
-    non_utf8_names_are_kept(Pg::V17, "parallel");
+    non_utf8_names_are_kept(Pg::V17, "parallel", &[]);
+}
+
+/// A file named `caf\xe9` the server cannot read: the backup fails with one error that names
+/// the file readably (`caf\xe9`), never with a replaced or dropped byte.
+fn unreadable_file_is_named(c: &Cluster, method: &str) {
+    let dir = scratch_dir();
+    let target = dir.path().join("backup");
+    let role = if method == "sql" {
+        "postgres"
+    } else {
+        "trust_user"
+    };
+    let out = run(pgpar()
+        .args(["backup", "-c", "fast", "--method", method, "-D"])
+        .arg(&target)
+        .args(["-d", &c.conninfo(role)]));
+    out.assert_error(1);
+    assert!(
+        out.error_message().contains("caf\\xe9"),
+        "the error does not name the file as caf\\xe9:\n{out}"
+    );
+    assert!(
+        !out.stderr.contains('\u{fffd}'),
+        "a byte was replaced:\n{out}"
+    );
+    assert!(!target.exists(), "-D was left behind:\n{out}");
+}
+
+fn cluster_with_an_unreadable_non_utf8_name(pg: Pg) -> Cluster {
+    let c = Cluster::new(pg);
+    let p = at(&c.data, b"caf\xe9");
+    put(&p, b"unreadable");
+    fs::set_permissions(&p, fs::Permissions::from_mode(0o000)).unwrap();
+    c
+}
+
+#[test]
+fn an_unreadable_file_is_named_readably_by_the_stream_and_sql_methods() {
+    let c = cluster_with_an_unreadable_non_utf8_name(Pg::V15);
+    unreadable_file_is_named(&c, "stream");
+    unreadable_file_is_named(&c, "sql");
+    crate::util::fault_covered(
+        "a file named with bytes that are not UTF-8 that the server cannot read, stream and sql methods",
+        "exit 1, the error names the file with the byte shown as \\xNN; nothing left",
+    );
+}
+
+#[test]
+fn an_unreadable_file_is_named_readably_by_the_parallel_method() {
+    let c = cluster_with_an_unreadable_non_utf8_name(Pg::V17);
+    unreadable_file_is_named(&c, "parallel");
+    crate::util::fault_covered(
+        "a file named with bytes that are not UTF-8 that the server cannot read, parallel method",
+        "exit 1, the error names the file with the byte shown as \\xNN; nothing left",
+    );
 }
