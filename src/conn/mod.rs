@@ -108,6 +108,23 @@ impl Row {
         })
     }
 
+    /// Column `i` as a tablespace location, `None` when NULL or absent. pgpar handles a
+    /// location as text (`-T` maps it, `tablespace_map` names it): one that is not UTF-8 is
+    /// refused, naming it, rather than lost on the way.
+    pub fn tablespace_location(&self, i: usize) -> Result<Option<&str>> {
+        let Some(b) = self.get_bytes(i) else {
+            return Ok(None);
+        };
+        std::str::from_utf8(b).map(Some).map_err(|_| {
+            Error::Failed(format!(
+                "the tablespace location \"{}\" is not valid UTF-8, and pgpar handles tablespace \
+                 locations as text: back this cluster up with pg_basebackup, or move the \
+                 tablespace's contents to a tablespace whose location is UTF-8",
+                crate::relpath::escaped(b)
+            ))
+        })
+    }
+
     /// Column `i` parsed, or a protocol error naming `what` and the value.
     pub fn parse<T: std::str::FromStr>(&self, i: usize, what: &str) -> Result<T> {
         let v = self.text(i, what)?;

@@ -200,12 +200,14 @@ impl BaseBackup<'_> {
             .map(|s| s.rows.as_slice())
             .unwrap_or_default()
             .iter()
-            .map(|r| BaseBackupTablespace {
-                oid: r.get(0).and_then(|v| v.parse().ok()),
-                location: r.get(1).map(str::to_string),
-                size_kb: r.get(2).and_then(|v| v.parse().ok()).unwrap_or(0),
+            .map(|r| {
+                Ok(BaseBackupTablespace {
+                    oid: r.get(0).and_then(|v| v.parse().ok()),
+                    location: r.tablespace_location(1)?.map(str::to_string),
+                    size_kb: r.get(2).and_then(|v| v.parse().ok()).unwrap_or(0),
+                })
             })
-            .collect();
+            .collect::<Result<_>>()?;
         Ok(BaseBackupStart {
             start_lsn: start.parse(0, "start LSN")?,
             timeline: start.parse(1, "timeline")?,

@@ -86,12 +86,15 @@ pub async fn start_backup(c: &mut Connection, label: &str, fast: bool) -> Result
         .map(|s| {
             s.rows
                 .iter()
-                .map(|r| Tablespace {
-                    oid: r.get(0).and_then(|v| v.parse().ok()),
-                    location: r.get(1).map(str::to_string),
+                .map(|r| {
+                    Ok(Tablespace {
+                        oid: r.get(0).and_then(|v| v.parse().ok()),
+                        location: r.tablespace_location(1)?.map(str::to_string),
+                    })
                 })
-                .collect()
+                .collect::<Result<Vec<_>>>()
         })
+        .transpose()?
         .unwrap_or_default();
     Ok(StartInfo {
         start_lsn: first.parse(0, "start_lsn")?,

@@ -424,7 +424,7 @@ impl Source for SqlSource {
         let mut tablespaces = Vec::new();
         for r in rows {
             let oid: u32 = r.parse(0, "tablespace OID")?;
-            let location = r.get(1).unwrap_or_default().to_string();
+            let location = r.tablespace_location(1)?.unwrap_or_default().to_string();
             if location.starts_with('/') {
                 self.tablespaces.insert(oid, location.clone());
                 tablespaces.push(Tablespace { oid, location });

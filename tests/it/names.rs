@@ -4,7 +4,9 @@
 //! (stream on 15 and on the patched 17, sql on 15, parallel on the patched 17), appear in
 //! `backup_manifest` as PostgreSQL writes such names (`Encoded-Path`, hex), pass the server's
 //! own `pg_verifybackup`, and are still there, byte for byte, once the backup runs as a server.
-//! A UTF-8 name beside them (a space, a newline) stays a `Path`.
+//! A UTF-8 name beside them (a space, a newline) stays a `Path`; in a LATIN1 database too.
+//! Such a file the server cannot read is named readably (`caf\xe9`) in the error; a tablespace
+//! *location* that is not UTF-8 is refused, naming it.
 
 use std::ffi::OsStr;
 use std::fs;
@@ -244,5 +246,55 @@ fn an_unreadable_file_is_named_readably_by_the_parallel_method() {
     crate::util::fault_covered(
         "a file named with bytes that are not UTF-8 that the server cannot read, parallel method",
         "exit 1, the error names the file with the byte shown as \\xNN; nothing left",
+    );
+}
+
+/// A tablespace whose location is not UTF-8 (`…/caf\xe9`, made in a LATIN1 database): pgpar
+/// takes a location as text (`-T` maps it), so it refuses the backup naming the location,
+/// rather than losing the tablespace on the way.
+fn location_that_is_not_utf8_is_refused(pg: Pg, methods: &[&str]) {
+    let c = Cluster::with_initdb_args(pg, &["-E", "LATIN1"]);
+    let parent = scratch_dir();
+    let loc = at(parent.path(), b"caf\xe9");
+    fs::create_dir(&loc).unwrap();
+    fs::set_permissions(&loc, fs::Permissions::from_mode(0o700)).unwrap();
+    give_to_server_user(parent.path());
+    // psql sends UTF-8; the server turns é into LATIN1's byte 0xe9, the directory's name.
+    c.psql(&format!(
+        "SET client_encoding = 'UTF8';
+         CREATE TABLESPACE ts1 LOCATION '{}/café';",
+        parent.path().display()
+    ));
+    for &method in methods {
+        let dir = scratch_dir();
+        let target = dir.path().join("backup");
+        let role = if method == "sql" {
+            "postgres"
+        } else {
+            "trust_user"
+        };
+        let out = run(pgpar()
+            .args(["backup", "-c", "fast", "--method", method, "-D"])
+            .arg(&target)
+            .args(["-d", &c.conninfo(role)]));
+        out.assert_error(1);
+        assert!(
+            out.error_message().contains(&format!(
+                "the tablespace location \"{}/caf\\xe9\" is not valid UTF-8",
+                parent.path().display()
+            )) && out.error_message().contains("pg_basebackup"),
+            "the error does not name the location:\n{out}"
+        );
+        assert!(!target.exists(), "-D was left behind:\n{out}");
+    }
+}
+
+#[test]
+fn a_tablespace_location_that_is_not_utf8_is_refused_naming_it() {
+    location_that_is_not_utf8_is_refused(Pg::V15, &["stream", "sql"]);
+    location_that_is_not_utf8_is_refused(Pg::V17, &["parallel"]);
+    crate::util::fault_covered(
+        "a tablespace location that is not valid UTF-8 (stream and sql on 15, parallel on 17)",
+        "refused (exit 1) naming the location with the byte as \\xNN and saying what to do; nothing left",
     );
 }
