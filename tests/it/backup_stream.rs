@@ -704,7 +704,7 @@ fn page_checksum_failure_fails_the_backup_unless_told_not_to_verify() {
     });
     crate::util::fault_covered(
         "a damaged data page (checksum failure), stream method",
-        "exit 1 mentioning the checksum, no manifest; --no-verify-checksums backs it up",
+        "exit 1; the server's warning names the file and block; files kept without a manifest; --no-verify-checksums backs it up and it verifies",
     );
 }
 

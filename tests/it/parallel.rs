@@ -467,7 +467,7 @@ fn page_checksum_failure_keeps_files_without_a_manifest() {
     assert_eq!(out.json()["method"].as_str(), Some("parallel"), "{out}");
     crate::util::fault_covered(
         "a damaged data page (checksum failure), parallel method",
-        "exit 1, files kept without a manifest",
+        "exit 1 naming the file and block; files kept without a manifest; --no-verify-checksums backs it up and it verifies",
     );
 }
 

@@ -565,7 +565,7 @@ fn damaged_page_is_found_on_the_client_unless_told_not_to_verify() {
     assert_sql_method(&out, 2);
     crate::util::fault_covered(
         "a damaged data page (checksum failure), sql method",
-        "reported with its file and block from the client's own page check; --no-verify-checksums backs it up and it verifies",
+        "exit 1 naming the file and block (the client's own page check); files kept without a manifest; --no-verify-checksums backs it up and it verifies",
     );
 }
 
