@@ -1014,12 +1014,16 @@ async fn stop_backup_ends_the_readers() {
         );
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
-    let r = leader
-        .simple_query(&format!(
+    // The v2 server waited here for as long as the client did not read (for ever).
+    let r = tokio::time::timeout(
+        Duration::from_secs(60),
+        leader.simple_query(&format!(
             "STOP_BACKUP (BACKUP_LABEL {}, WAIT_FOR_ARCHIVE false)",
             lit(&started.label)
-        ))
-        .await;
+        )),
+    )
+    .await
+    .expect("STOP_BACKUP did not return within 60 s while a reader was blocked");
     r.expect("STOP_BACKUP");
     // STOP_BACKUP returned without the worker's client reading anything: the worker was
     // terminated, and it no longer reads (its record is released when its process exits).
