@@ -816,7 +816,10 @@ async fn listing_and_fetching_follow_one_rule() {
         .filter(|e| e.kind == "f")
         .map(|e| (e.path.as_str(), None))
         .collect();
-    assert!(files.iter().any(|(f, _)| *f == "back\\slash"), "back\\slash is listed");
+    assert!(
+        files.iter().any(|(f, _)| *f == "back\\slash"),
+        "back\\slash is listed"
+    );
     assert!(
         !list.iter().any(|e| e.path.starts_with("pg_tblspc/not_a")),
         "pg_tblspc/not_a_tablespace is listed"
@@ -831,7 +834,10 @@ async fn listing_and_fetching_follow_one_rule() {
         );
     }
     let got = fetch(&mut w, id, &[("pg_tblspc/not_a_tablespace", None)], true).await;
-    assert_eq!(got[0].length, EXCLUDED, "pg_tblspc/not_a_tablespace was read");
+    assert_eq!(
+        got[0].length, EXCLUDED,
+        "pg_tblspc/not_a_tablespace was read"
+    );
 
     // The unlogged table's main fork is excluded, since its init fork exists. A client whose
     // listing predates the init fork (CREATE INDEX on an unlogged table) asks for it anyway:
