@@ -1039,6 +1039,20 @@ async fn stop_backup_ends_the_readers() {
         )),
         "STOP_BACKUP did not end the reader"
     );
+    // The reader closes the file before it releases its claim, and STOP_BACKUP returns only
+    // after that: if the worker's process still exists, it holds no descriptor of the file.
+    if is_root() {
+        if let Ok(fds) = fs::read_dir(format!("/proc/{worker_pid}/fd")) {
+            for fd in fds.flatten() {
+                let target = fs::read_link(fd.path()).unwrap_or_default();
+                assert!(
+                    !target.to_string_lossy().contains("big_file"),
+                    "STOP_BACKUP returned while the worker still held {}",
+                    target.display()
+                );
+            }
+        }
+    }
     let deadline = Instant::now() + Duration::from_secs(60);
     while std::path::Path::new(&format!("/proc/{worker_pid}")).exists() {
         assert!(Instant::now() < deadline, "the worker did not exit");
