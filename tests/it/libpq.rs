@@ -368,13 +368,20 @@ fn recovery_conninfo_carries_the_connection_settings_and_the_standby_streams() {
     );
     let dir = crate::cluster::scratch_dir();
     let target = dir.path().join("standby");
+    // A slot of its own keeps the standby's WAL on the primary: pg_basebackup's checkpoint
+    // below may otherwise remove the segment the standby starts streaming from.
     let out = run(pgpar()
-        .args(["backup", "-c", "fast", "--method", "stream", "-R", "-D"])
+        .args(["backup", "-c", "fast", "--method", "stream", "-R"])
+        .args(["-C", "-S", "pgpar_standby", "-D"])
         .arg(&target)
         .args(["-d", &conninfo])
         .env("PGPASSWORD", password("ssl_user")));
     out.assert_success();
     let auto = fs::read_to_string(target.join("postgresql.auto.conf")).unwrap();
+    assert!(
+        auto.contains("primary_slot_name = 'pgpar_standby'"),
+        "no primary_slot_name:\n{auto}"
+    );
     let line = auto
         .lines()
         .find_map(|l| l.strip_prefix("primary_conninfo = '"))

@@ -165,8 +165,13 @@ fn backup_waiting_for_wal(
     let mut args = vec!["-r", "8M"];
     args.extend_from_slice(extra);
     let mut b = Running::start(c, target, method, &args);
-    // pg_wal/ is made when the backup has started, i.e. after its checkpoint.
-    b.wait_for("the backup started", |_| target.join("pg_wal").is_dir());
+    // backup_label is the first file of every method, written once the server started the
+    // backup, i.e. after its checkpoint. (Not pg_wal/: the WAL stream makes it before the
+    // backup starts, and a WAL switch then completes a segment before the backup's WAL, which
+    // the stream never writes; seen as a test that waited until pgpar had finished.)
+    b.wait_for("the backup started", |_| {
+        target.join("backup_label").exists()
+    });
     let walsender = wal_walsender(c);
     // The segment this switch completes comes after the start checkpoint's record; the
     // stream writes segments in order (an earlier segment complete is not enough: the WAL
