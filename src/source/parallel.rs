@@ -97,9 +97,10 @@ impl Source for ParallelSource {
 
     async fn stop(&mut self, s: &Session<'_>, leader: &mut Connection) -> Result<(Lsn, u32)> {
         let label = self.info()?.backup_label.clone();
-        // STOP_BACKUP does not wait for the archive, but it waits until no connection reads
-        // the backup's files: a worker pgpar abandoned as stalled keeps it waiting until its
-        // walsender ends. Bounded all the same, with both causes named.
+        // STOP_BACKUP does not wait for the archive, but it returns only when no connection
+        // reads the backup's files: it ends a reader still there after a second (a worker
+        // pgpar abandoned as stalled) and waits for it to exit. A walsender that cannot act
+        // on that (a frozen process) keeps it waiting: bounded all the same, causes named.
         let limit = s.opts.stall_timeout;
         let target = leader.target().to_string();
         tokio::time::timeout(limit, stop_backup(leader, &label))
@@ -107,8 +108,9 @@ impl Source for ParallelSource {
             .map_err(|_| {
                 Error::Failed(format!(
                     "leader: STOP_BACKUP on server {target} did not return within {} s (--stall-timeout {}): \
-                     the server waits until no connection reads the backup's files (a stalled worker's walsender, \
-                     see pg_stat_activity wait event ParallelBackupReaders), or the leader's connection is stalled",
+                     the server waits until no connection reads the backup's files (a worker's walsender that did not \
+                     exit when STOP_BACKUP ended it, see pg_stat_activity wait event ParallelBackupReaders), \
+                     or the leader's connection is stalled",
                     limit.as_secs(),
                     limit.as_secs()
                 ))
