@@ -354,7 +354,7 @@ pub async fn stream(
                     },
                     other => {
                         return Err(Error::Failed(format!(
-                            "the server ended WAL streaming at {} before the backup's end{} (it sent {}): the server is shutting down or its walsender was stopped; run the backup again once the server is up",
+                            "the server {target} ended WAL streaming at {} before the backup's end{} (it sent {}): the server is shutting down or its walsender was stopped; run the backup again once the server is up",
                             w.written,
                             b.end.map(|e| format!(" at {e}")).unwrap_or_default(),
                             describe(other.as_ref())
