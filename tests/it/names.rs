@@ -16,7 +16,7 @@ use std::path::{Path, PathBuf};
 use std::process::Command;
 
 use crate::cluster::{give_to_server_user, is_root, run_ok, scratch_dir, Cluster, Pg};
-use crate::util::{pgpar, run};
+use crate::util::{pgpar, run, Out};
 
 /// Where a stray file lies.
 enum Under {
@@ -194,20 +194,26 @@ fn parallel_keeps_names_that_are_not_utf8_on_patched_17() {
     non_utf8_names_are_kept(Pg::V17, "parallel", &[]);
 }
 
-/// A file named `caf\xe9` the server cannot read: the backup fails with one error that names
-/// the file readably (`caf\xe9`), never with a replaced or dropped byte.
-fn unreadable_file_is_named(c: &Cluster, method: &str) {
-    let dir = scratch_dir();
-    let target = dir.path().join("backup");
+/// A backup by `method` into `target`: as `trust_user`, or as `postgres` for the sql method
+/// (which needs the functions trust_user may not execute).
+fn backup_by(c: &Cluster, method: &str, target: &Path) -> Out {
     let role = if method == "sql" {
         "postgres"
     } else {
         "trust_user"
     };
-    let out = run(pgpar()
+    run(pgpar()
         .args(["backup", "-c", "fast", "--method", method, "-D"])
-        .arg(&target)
-        .args(["-d", &c.conninfo(role)]));
+        .arg(target)
+        .args(["-d", &c.conninfo(role)]))
+}
+
+/// A file named `caf\xe9` the server cannot read: the backup fails with one error that names
+/// the file readably (`caf\xe9`), never with a replaced or dropped byte.
+fn unreadable_file_is_named(c: &Cluster, method: &str) {
+    let dir = scratch_dir();
+    let target = dir.path().join("backup");
+    let out = backup_by(c, method, &target);
     out.assert_error(1);
     assert!(
         out.error_message().contains("caf\\xe9"),
@@ -268,15 +274,7 @@ fn location_that_is_not_utf8_is_refused(pg: Pg, methods: &[&str]) {
     for &method in methods {
         let dir = scratch_dir();
         let target = dir.path().join("backup");
-        let role = if method == "sql" {
-            "postgres"
-        } else {
-            "trust_user"
-        };
-        let out = run(pgpar()
-            .args(["backup", "-c", "fast", "--method", method, "-D"])
-            .arg(&target)
-            .args(["-d", &c.conninfo(role)]));
+        let out = backup_by(&c, method, &target);
         out.assert_error(1);
         assert!(
             out.error_message().contains(&format!(
