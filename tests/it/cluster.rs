@@ -553,6 +553,27 @@ impl Cluster {
         run_ok(Command::new(self.bindir.join("pg_verifybackup")).arg(dir))
     }
 
+    /// Waits until a walsender runs a command starting with `prefix` (the oldest such one
+    /// when several do), for at most `within`; returns its pid.
+    pub fn wait_for_walsender(&self, prefix: &str, within: Duration) -> String {
+        let deadline = Instant::now() + within;
+        loop {
+            let pid = self.psql(&format!(
+                "SELECT pid FROM pg_stat_activity WHERE backend_type = 'walsender' \
+                 AND query LIKE '{prefix}%' ORDER BY backend_start LIMIT 1;"
+            ));
+            if !pid.trim().is_empty() {
+                return pid.trim().to_string();
+            }
+            assert!(
+                Instant::now() < deadline,
+                "no walsender ran {prefix} within {} s",
+                within.as_secs()
+            );
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+
     /// Hold a session that has a temporary table (with a few pages of data) until the returned
     /// guard is dropped. Returns once the table exists.
     pub fn hold_temp_table(&self) -> HeldSession {

@@ -49,25 +49,6 @@ fn finish(child: std::process::Child) -> (Option<i32>, String) {
     (out.code, out.stderr)
 }
 
-/// Waits until a walsender runs a command starting with `prefix`; returns its pid.
-fn wait_for_walsender(c: &Cluster, prefix: &str) -> String {
-    let deadline = Instant::now() + Duration::from_secs(60);
-    loop {
-        let pid = c.psql(&format!(
-            "SELECT pid FROM pg_stat_activity WHERE backend_type = 'walsender' \
-             AND query LIKE '{prefix}%' ORDER BY backend_start LIMIT 1;"
-        ));
-        if !pid.trim().is_empty() {
-            return pid.trim().to_string();
-        }
-        assert!(
-            Instant::now() < deadline,
-            "no walsender ran {prefix} within 60 s"
-        );
-        std::thread::sleep(Duration::from_millis(20));
-    }
-}
-
 #[test]
 fn parallel_backups_at_1_2_4_and_8_jobs_verify_and_restore() {
     let c = Cluster::new(Pg::V17);
@@ -300,7 +281,7 @@ fn killed_worker_connection_is_retried_and_the_backup_completes() {
         &target,
         &["-j", "3", "--chunk-size", "1MB", "-r", "8M", "--json"],
     );
-    let pid = wait_for_walsender(&c, "SEND_FILES_CONTENT");
+    let pid = c.wait_for_walsender("SEND_FILES_CONTENT", Duration::from_secs(60));
     assert_eq!(
         c.psql(&format!("SELECT pg_terminate_backend({pid});"))
             .trim(),
@@ -336,9 +317,9 @@ fn killed_leader_fails_cleanly_and_leaves_nothing() {
     let dir = scratch_dir();
     let target = dir.path().join("backup");
     let child = spawn_backup(&c, &target, &["-j", "2", "--chunk-size", "1MB", "-r", "4M"]);
-    wait_for_walsender(&c, "SEND_FILES_CONTENT");
+    c.wait_for_walsender("SEND_FILES_CONTENT", Duration::from_secs(60));
     // The leader's last command was SEND_FILE_LIST; it stays idle while the workers copy.
-    let leader = wait_for_walsender(&c, "SEND_FILE_LIST");
+    let leader = c.wait_for_walsender("SEND_FILE_LIST", Duration::from_secs(60));
     assert_eq!(
         c.psql(&format!("SELECT pg_terminate_backend({leader});"))
             .trim(),

@@ -122,25 +122,6 @@ impl Drop for Stopped {
     }
 }
 
-/// The pid of the walsender streaming the backup's WAL (START_REPLICATION), once it runs.
-fn wal_walsender(c: &Cluster) -> i32 {
-    let deadline = Instant::now() + Duration::from_secs(60);
-    loop {
-        let pid = c.psql(
-            "SELECT pid FROM pg_stat_activity WHERE backend_type = 'walsender' \
-             AND query LIKE 'START_REPLICATION%' LIMIT 1;",
-        );
-        if let Ok(pid) = pid.trim().parse() {
-            return pid;
-        }
-        assert!(
-            Instant::now() < deadline,
-            "no walsender ran START_REPLICATION within 60 s"
-        );
-        std::thread::sleep(Duration::from_millis(20));
-    }
-}
-
 /// Whether a WAL segment has been completely written into `target/pg_wal` (its `.done`).
 fn wal_segment_is_complete(target: &Path, segment: &str) -> bool {
     target
@@ -172,7 +153,10 @@ fn backup_waiting_for_wal(
     b.wait_for("the backup started", |_| {
         target.join("backup_label").exists()
     });
-    let walsender = wal_walsender(c);
+    let walsender: i32 = c
+        .wait_for_walsender("START_REPLICATION", Duration::from_secs(60))
+        .parse()
+        .expect("a pid");
     // The segment this switch completes comes after the start checkpoint's record; the
     // stream writes segments in order (an earlier segment complete is not enough: the WAL
     // stream starts before the backup, and the checkpoint may lie in the next one).

@@ -198,17 +198,7 @@ fn a_broken_wal_stream_says_it_was_the_wal_stream() {
     // before it removes the directory.
     let mut child = child;
     let deadline = Instant::now() + Duration::from_secs(120);
-    while c
-        .psql(
-            "SELECT count(*) FROM pg_stat_activity WHERE backend_type = 'walsender' \
-             AND query LIKE 'SEND_FILES_CONTENT%';",
-        )
-        .trim()
-        == "0"
-    {
-        assert!(Instant::now() < deadline, "the workers never started");
-        std::thread::sleep(Duration::from_millis(20));
-    }
+    c.wait_for_walsender("SEND_FILES_CONTENT", Duration::from_secs(120));
     let mut ended = 0;
     while child.try_wait().unwrap().is_none() {
         let pids = c.psql(
@@ -324,18 +314,7 @@ fn backup_label_is_written_before_the_first_data_file() {
         .stderr(Stdio::piped())
         .spawn()
         .unwrap();
-    let deadline = Instant::now() + Duration::from_secs(60);
-    while c
-        .psql(
-            "SELECT count(*) FROM pg_stat_activity WHERE backend_type = 'walsender' \
-             AND query LIKE 'SEND_FILES_CONTENT%';",
-        )
-        .trim()
-        == "0"
-    {
-        assert!(Instant::now() < deadline, "no worker started within 60 s");
-        std::thread::sleep(Duration::from_millis(20));
-    }
+    c.wait_for_walsender("SEND_FILES_CONTENT", Duration::from_secs(60));
     run_ok(Command::new("kill").args(["-INT", &child.id().to_string()]));
     let out = crate::util::wait_for(
         child,
